@@ -1,0 +1,1 @@
+"""DLR receiver: delivery reports in, status out, messages sent through the provider."""

@@ -1,0 +1,185 @@
+"""The DLR receiver routes: GET and POST on /dlr and /dlr/{token}.
+
+The body is read once, with the size limit enforced while reading. Query and body fields
+are merged (body wins) and handed to `notifications.interpret`; whatever comes out, a
+notification or a rejection, goes through the one write path and is answered 200 only
+after it is committed.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app import metrics
+from app.config import Settings
+from app.db import utcnow
+from app.ingest import Ingestor, Item, StoreUnavailable
+from app.notifications import Invalid, Rejection, interpret
+from app.security import check_callback, client_ip
+
+router = APIRouter(tags=["callbacks"])
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Unreadable(ValueError):
+    """The body cannot be decoded as its content type says; archived as rejected."""
+
+
+def parse_urlencoded(data: bytes) -> dict[str, str]:
+    # surrogateescape keeps bytes that are not UTF-8 so that they can be archived exactly.
+    text = data.decode("utf-8", "surrogateescape")
+    return dict(parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="surrogateescape"))
+
+
+def parse_multipart(data: bytes, boundary: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    state: dict[str, bytes | bytearray | None] = {"header": b"", "name": None}
+    value = bytearray()
+
+    def on_header_field(d: bytes, start: int, end: int) -> None:
+        state["header"] = bytes(state["header"] or b"") + d[start:end]
+
+    def on_header_value(d: bytes, start: int, end: int) -> None:
+        if (state["header"] or b"").lower() == b"content-disposition":
+            _, params = parse_options_header(d[start:end])
+            state["name"] = params.get(b"name")
+
+    def on_header_end() -> None:
+        state["header"] = b""
+
+    def on_part_begin() -> None:
+        state["name"] = None
+        value.clear()
+
+    def on_part_data(d: bytes, start: int, end: int) -> None:
+        value.extend(d[start:end])
+
+    def on_part_end() -> None:
+        name = state["name"]
+        if name:
+            key = bytes(name).decode("utf-8", "surrogateescape")
+            fields.setdefault(key, bytes(value).decode("utf-8", "surrogateescape"))
+
+    parser = MultipartParser(
+        boundary,
+        callbacks={  # type: ignore[arg-type]
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    try:
+        parser.write(data)
+        parser.finalize()
+    except Exception as exc:  # python-multipart raises several types for broken input
+        raise Unreadable(f"malformed multipart body: {exc}") from exc
+    return fields
+
+
+def parse_json(data: bytes) -> dict[str, str]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise Unreadable(f"malformed JSON body: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise Unreadable("JSON body is not an object")
+    fields: dict[str, str] = {}
+    for key, val in doc.items():
+        if val is None:
+            continue
+        if isinstance(val, bool):
+            val = "1" if val else "0"
+        if isinstance(val, dict | list):
+            raise Unreadable(f"JSON field {key!r} is not a plain value")
+        fields[key] = str(val)
+    return fields
+
+
+def parse_body(content_type: str | None, body: bytes) -> dict[str, str]:
+    if not body:
+        return {}
+    ctype, params = parse_options_header(content_type or "")
+    if ctype == b"application/json" or ctype.endswith(b"+json"):
+        return parse_json(body)
+    if ctype == b"multipart/form-data":
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise Unreadable("multipart body without boundary")
+        return parse_multipart(body, boundary)
+    return parse_urlencoded(body)  # form data, and what a missing or odd type most likely is
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks.extend(chunk)
+        if len(chunks) > limit:
+            raise BodyTooLarge
+    return bytes(chunks)
+
+
+async def receive(request: Request, token: str | None = None) -> Response:
+    settings: Settings = request.app.state.settings
+    ingestor: Ingestor = request.app.state.ingestor
+    check_callback(request, settings, token)
+    received_at = utcnow()
+    try:
+        body = b""
+        if request.method == "POST":
+            body = await read_body(request, settings.max_callback_bytes)
+    except BodyTooLarge:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"callback body over {settings.max_callback_bytes} bytes",
+        ) from None
+
+    query = request.scope.get("query_string", b"")
+    content_type = request.headers.get("content-type")
+    item: Item
+    try:
+        fields = parse_urlencoded(query)
+        fields.update(parse_body(content_type, body))
+        fields.pop("token", None)
+        item = interpret(fields, received_at=received_at)
+        kind = item.type
+    except (Invalid, Unreadable) as exc:
+        addr = client_ip(request, settings.trusted_proxies)
+        item = Rejection(
+            reason=str(exc),
+            method=request.method,
+            content_type=content_type,
+            query=query,
+            body=body,
+            source_ip=str(addr) if addr else None,
+            received_at=received_at,
+        )
+        kind = "invalid"
+    try:
+        outcome = await ingestor.submit(item)
+    except StoreUnavailable:
+        metrics.CALLBACKS.labels(type=kind, outcome="unavailable").inc()
+        return JSONResponse(
+            {"detail": "database unavailable; not stored, send again"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
+    metrics.CALLBACKS.labels(type=kind, outcome=outcome).inc()
+    return PlainTextResponse("OK")
+
+
+_DOC = "Receive a delivery, seen or reply notification (or an SMS delivery report)."
+router.add_api_route("/dlr", receive, methods=["GET", "POST"], summary=_DOC)
+router.add_api_route("/dlr/{token}", receive, methods=["GET", "POST"], summary=_DOC)

@@ -1,0 +1,139 @@
+"""Settings, read once from the environment or `.env` (prefix `DLR_`).
+
+Bad values stop start-up with one line naming the setting, rather than failing on the
+first request. A security setting that is present but empty is refused: an empty token or
+allow-list must never silently open the door.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import lru_cache
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+ENV_PREFIX = "DLR_"
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or malformed; the message is one line naming it."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="forbid", case_sensitive=False
+    )
+
+    database_url: str = "sqlite:///./dlr.db"
+    callback_token: SecretStr | None = None
+    callback_allowed_ips: Annotated[list[IPNetwork] | None, NoDecode] = None
+    trusted_proxies: Annotated[list[IPNetwork], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr] | None, NoDecode] = None
+    bulk_url: str = "https://bulk.sms-online.com/"
+    media_url: str = "https://media.sms-online.com/upload/"
+    bulk_user: str | None = None
+    bulk_secret_key: SecretStr | None = None
+    bulk_from: str | None = None
+    max_callback_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+
+    # Beyond the contract: knobs an operator may need, all with safe defaults.
+    db_timeout: float = Field(default=5.0, gt=0, le=300)
+    batch_max_size: int = Field(default=500, ge=1, le=5000)
+    send_max_retries: int = Field(default=3, ge=0, le=10)
+    send_timeout: float = Field(default=30.0, gt=0, le=600)
+    upload_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    upload_sign_uppercase: bool = False
+    restrict_metrics: bool = False
+
+    @field_validator("callback_allowed_ips", "trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            return [ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v
+                    for v in value]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("callback_token", "bulk_secret_key")
+    @classmethod
+    def _not_blank_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is set but empty; unset it or give it a value")
+        return value
+
+    @field_validator("callback_allowed_ips", "api_keys")
+    @classmethod
+    def _not_empty_list(cls, value: list[Any] | None) -> list[Any] | None:
+        if value is not None and not value:
+            raise ValueError("is set but empty; unset it or give it a value")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in {"sqlite", "postgresql", "postgres"}:
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_env(cls, data: Any) -> Any:
+        known = {f"{ENV_PREFIX}{name}".upper() for name in cls.model_fields}
+        unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX)
+                         and k.upper() not in known)
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]}")
+        return data
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The URL with the driver this project uses (plain URLs are mapped)."""
+        url = self.database_url
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                return "postgresql+psycopg://" + url[len(plain):]
+        if url.startswith("sqlite://"):
+            return "sqlite+pysqlite://" + url[len("sqlite://"):]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def api_key_values(self) -> list[str]:
+        return [k.get_secret_value() for k in self.api_keys or []]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning a validation failure into one clear line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        name = f"{ENV_PREFIX}{loc}".upper() if loc else "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        if msg.startswith("unknown setting"):
+            raise SettingsError(msg) from None
+        raise SettingsError(f"setting {name}: {msg}") from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,93 @@
+"""Application factory: routers, error handlers, and the lifespan that owns the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from app import api, callbacks
+from app.config import Settings, get_settings
+from app.db import make_engine
+from app.ingest import Ingestor
+from app.schemas import Health
+from app.security import require_api_access
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings)
+        ingestor = Ingestor(engine, max_batch=settings.batch_max_size)
+        app.state.engine = engine
+        app.state.ingestor = ingestor
+        ingestor.start()
+        try:
+            yield
+        finally:
+            # Uvicorn has stopped accepting and waited for requests in flight; those waiting
+            # on a batch are answered before the writer stops.
+            await ingestor.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="DLR receiver",
+        version="0.1.0",
+        description="Receives the provider's delivery, seen and reply notifications, keeps "
+        "each message's true status, and sends messages through the provider.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(callbacks.router)
+    app.include_router(api.router)
+
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz() -> Health:
+        """The process is up (the database is not touched)."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, tags=["operations"],
+             responses={503: {"description": "database unreachable"}})
+    async def readyz(request: Request) -> Response:
+        """The database answers."""
+        def ping() -> None:
+            with request.app.state.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        try:
+            await run_in_threadpool(ping)
+        except SQLAlchemyError as exc:
+            log.warning("not ready: %s", str(exc).splitlines()[0])
+            return JSONResponse({"detail": "database unreachable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["operations"], include_in_schema=False)
+    def metrics_endpoint(request: Request) -> Response:
+        if settings.restrict_metrics:
+            require_api_access(request)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.warning("database error: %s", str(exc).splitlines()[0])
+        return JSONResponse({"detail": "database unavailable"}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, HTTPException):  # pragma: no cover - FastAPI handles these
+            raise exc
+        log.exception("unhandled error")
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    return app

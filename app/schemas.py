@@ -1,0 +1,84 @@
+"""Pydantic models of the REST API's answers (and, with the send module, its requests)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, Field
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page"
+    )
+
+
+class EventOut(BaseModel):
+    type: str
+    status: str | None
+    status_extended: str | None
+    unknown_status_extended: bool
+    text: str | None
+    received_at: datetime
+
+
+class ReplyOut(BaseModel):
+    text: str
+    received_at: datetime
+
+
+class MessageSummary(BaseModel):
+    msg_id: str
+    p_transaction_id: str | None
+    phone: str | None
+    sender: str | None
+    kind: str | None
+    status: str
+    status_extended: str | None
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    seen_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageOut(MessageSummary):
+    replies: list[ReplyOut]
+    events: list[EventOut]
+
+
+class ReplyItem(BaseModel):
+    msg_id: str
+    p_transaction_id: str | None
+    phone: str | None
+    text: str
+    received_at: datetime
+
+
+class RejectedItem(BaseModel):
+    id: int
+    reason: str
+    raw: str = Field(description="The body as received (the query string for a GET)")
+    method: str
+    content_type: str | None
+    query: str
+    source_ip: str | None
+    received_at: datetime
+
+
+class Stats(BaseModel):
+    since: datetime | None
+    until: datetime | None
+    total: int
+    by_status: dict[str, int]
+    by_status_extended: dict[str, int]
+    events_by_type: dict[str, int]
+    rejected: int
+
+
+class Health(BaseModel):
+    status: str
