@@ -156,15 +156,15 @@ def stats(session: SessionDep, since: Since = None, until: Until = None) -> Stat
     by_status = dict(session.execute(
         select(Message.status, func.count()).where(*window(Message.created_at))
         .group_by(Message.status)
-    ).tuples().all())
+    ).all())
     by_ext = dict(session.execute(
         select(Message.status_extended, func.count())
         .where(Message.status_extended.is_not(None), *window(Message.created_at))
         .group_by(Message.status_extended)
-    ).tuples().all())
+    ).all())
     by_type = dict(session.execute(
         select(Event.type, func.count()).where(*window(Event.received_at)).group_by(Event.type)
-    ).tuples().all())
+    ).all())
     rejected = session.scalar(
         select(func.count()).select_from(Rejected).where(*window(Rejected.received_at))
     ) or 0

@@ -181,5 +181,7 @@ async def receive(request: Request, token: str | None = None) -> Response:
 
 
 _DOC = "Receive a delivery, seen or reply notification (or an SMS delivery report)."
-router.add_api_route("/dlr", receive, methods=["GET", "POST"], summary=_DOC)
-router.add_api_route("/dlr/{token}", receive, methods=["GET", "POST"], summary=_DOC)
+for _path, _suffix in (("/dlr", ""), ("/dlr/{token}", "_with_token")):
+    for _method in ("GET", "POST"):
+        router.add_api_route(_path, receive, methods=[_method], summary=_DOC,
+                             operation_id=f"dlr_{_method.lower()}{_suffix}")

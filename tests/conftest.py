@@ -1,0 +1,125 @@
+"""Fixtures: every database test runs on SQLite and on the real PostgreSQL.
+
+Each backend's schema is built once per session with the Alembic migrations (so every run
+checks them); each test starts from empty tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import Engine, text
+
+from app.config import Settings, load_settings
+from app.db import make_engine
+from app.main import create_app
+from app.migrate import upgrade
+
+PG_ADMIN_URL = os.environ.get("DLR_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+TABLES = ("events", "messages", "rejected", "sends")
+AppFactory = Callable[..., Awaitable[FastAPI]]
+
+# Tests build settings explicitly; a developer's own DLR_ variables or .env must not leak in.
+for _name in [k for k in os.environ if k.upper().startswith("DLR_")
+              and k.upper() != "DLR_TEST_PG_ADMIN"]:
+    del os.environ[_name]
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    return load_settings(database_url=database_url, _env_file=None, **overrides)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    name = f"dlr_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path: Path = tmp_path_factory.mktemp("sqlite") / "dlr-test.db"
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(f"{'pg' if request.param == 'postgresql' else 'sqlite'}_url")
+    engine = make_engine(make_settings(url), pool_size=1)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    return url
+
+
+def wipe(engine: Engine) -> None:
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
+        else:
+            for table in TABLES:
+                conn.execute(text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    eng = make_engine(settings)
+    wipe(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def backend(engine: Engine) -> str:
+    return engine.dialect.name
+
+
+@pytest.fixture
+async def app_with(settings: Settings, engine: Engine) -> AsyncIterator[AppFactory]:
+    """Start apps (lifespan included) with extra settings; all are stopped after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def factory(**overrides: Any) -> FastAPI:
+            app = create_app(make_settings(settings.database_url, **overrides))
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            return app
+
+        yield factory
+
+
+@pytest.fixture
+async def app(app_with: AppFactory) -> FastAPI:
+    return await app_with()
+
+
+def client_for(app: FastAPI, peer: str = "127.0.0.1") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app) as c:
+        yield c
