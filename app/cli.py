@@ -19,7 +19,7 @@ from app.config import Settings, SettingsError, load_settings
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Delivery-report receiver for the provider's Viber/SMS bulk API.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 

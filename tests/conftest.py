@@ -34,8 +34,8 @@ for _name in [k for k in os.environ if k.upper().startswith("DLR_")
     del os.environ[_name]
 
 
-def make_settings(database_url: str, **overrides: Any) -> Settings:
-    return load_settings(database_url=database_url, _env_file=None, **overrides)
+def make_settings(**values: Any) -> Settings:
+    return load_settings(_env_file=None, **values)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest) -> str:
     url: str = request.getfixturevalue(f"{'pg' if request.param == 'postgresql' else 'sqlite'}_url")
-    engine = make_engine(make_settings(url), pool_size=1)
+    engine = make_engine(make_settings(database_url=url), pool_size=1)
     try:
         upgrade(engine)
     finally:
@@ -80,7 +80,7 @@ def wipe(engine: Engine) -> None:
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
-    return make_settings(database_url)
+    return make_settings(database_url=database_url)
 
 
 @pytest.fixture
@@ -102,7 +102,8 @@ async def app_with(settings: Settings, engine: Engine) -> AsyncIterator[AppFacto
     async with contextlib.AsyncExitStack() as stack:
 
         async def factory(**overrides: Any) -> FastAPI:
-            app = create_app(make_settings(settings.database_url, **overrides))
+            overrides.setdefault("database_url", settings.database_url)
+            app = create_app(make_settings(**overrides))
             await stack.enter_async_context(app.router.lifespan_context(app))
             return app
 
