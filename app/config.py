@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     db_timeout: float = Field(default=5.0, gt=0, le=300)
     batch_max_size: int = Field(default=500, ge=1, le=5000)
     send_max_retries: int = Field(default=3, ge=0, le=10)
+    send_backoff: float = Field(default=1.0, ge=0, le=60)
     send_timeout: float = Field(default=30.0, gt=0, le=600)
     upload_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     upload_sign_uppercase: bool = False

@@ -13,12 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import api, callbacks
+from app import api, callbacks, send_api
 from app.config import Settings, get_settings
 from app.db import make_engine
 from app.ingest import Ingestor
 from app.schemas import Health
 from app.security import require_api_access
+from app.sender import NotConfigured, Sender
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ingestor = Ingestor(engine, max_batch=settings.batch_max_size)
         app.state.engine = engine
         app.state.ingestor = ingestor
+        try:
+            app.state.sender = Sender.from_settings(settings, engine)
+        except NotConfigured:
+            app.state.sender = None  # receiving works without a partner account
         ingestor.start()
         try:
             yield
         finally:
+            if app.state.sender is not None:
+                app.state.sender.close()
             # Uvicorn has stopped accepting and waited for requests in flight; those waiting
             # on a batch are answered before the writer stops.
             await ingestor.close()
@@ -51,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(callbacks.router)
     app.include_router(api.router)
+    app.include_router(send_api.router)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:
