@@ -214,6 +214,10 @@ def send(
         requests = _csv_requests(csv_file, defaults, campaign or csv_file.stem)
     if rate <= 0:
         raise CliError("--rate must be above 0")
+    try:
+        requests = [r.with_defaults(default_sender=cfg.bulk_from) for r in requests]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
     migrate_database(cfg)
     engine = make_engine(cfg, pool_size=1)

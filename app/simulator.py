@@ -320,15 +320,15 @@ class ProviderSimulator:
         return Response("\n".join(lines), media_type="application/xml")
 
     async def upload(self, request: Request) -> Response:
-        form = await request.form()
-        if self.upload_statuses:
-            status = self.upload_statuses.popleft()
-            return JSONResponse({"status": status, "error": f"forced status {status}"})
-        login, sign, image = form.get("login"), form.get("sign"), form.get("image")
-        if not isinstance(login, str) or not isinstance(sign, str) or isinstance(image, str) \
-                or image is None:
-            return JSONResponse({"status": 1, "error": "The data is not correct"})
-        data = await image.read()
+        async with request.form() as form:
+            if self.upload_statuses:
+                status = self.upload_statuses.popleft()
+                return JSONResponse({"status": status, "error": f"forced status {status}"})
+            login, sign, image = form.get("login"), form.get("sign"), form.get("image")
+            if not isinstance(login, str) or not isinstance(sign, str) or image is None \
+                    or isinstance(image, str):
+                return JSONResponse({"status": 1, "error": "The data is not correct"})
+            data = await image.read()
         valid = {sign_upload(login=self.user, image=data, secret_key=self.secret_key,
                              uppercase_inner=upper) for upper in (False, True)}
         if login != self.user or sign not in valid:

@@ -60,3 +60,27 @@ def running_server(env: dict[str, str], *args: str, command: list[str] | None = 
                 proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+@contextmanager
+def serving_in_thread(app: object) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread (lifespan included)."""
+    import threading
+
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",  # type: ignore[arg-type]
+                            proxy_headers=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("in-thread server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
