@@ -9,11 +9,13 @@ after it is committed.
 from __future__ import annotations
 
 import json
+import logging
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.types import Receive, Scope, Send
 
 from app import metrics
 from app.config import Settings
@@ -22,6 +24,7 @@ from app.ingest import Ingestor, Item, StoreUnavailable
 from app.notifications import Invalid, Rejection, interpret
 from app.security import check_callback, client_ip
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["callbacks"])
 
 class BodyTooLarge(Exception):
@@ -132,6 +135,47 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def receive(request: Request, token: str | None = None) -> Response:
+    """The documented route; requests normally arrive through `asgi` below instead."""
+    return await handle(request, token)
+
+
+def is_callback_path(path: str) -> bool:
+    return path == "/dlr" or path.startswith("/dlr/")
+
+
+async def asgi(scope: Scope, receive_: Receive, send: Send) -> None:
+    """The receiver as a bare ASGI app, ahead of FastAPI's routing and middleware.
+
+    A campaign's burst is almost all callbacks; FastAPI's per-request machinery (router
+    scan, middleware stack, dependency solving) cost more than the work itself, so the
+    application hands /dlr paths straight here (see ReceiverApp in main.py).
+    """
+    path: str = scope["path"]
+    token = path[len("/dlr/"):] if path.startswith("/dlr/") else None
+    response: Response
+    if token is not None and (not token or "/" in token):
+        response = JSONResponse({"detail": "Not Found"}, status_code=404)
+    elif scope["method"] not in ("GET", "POST"):
+        response = JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
+                                headers={"Allow": "GET, POST"})
+    else:
+        try:
+            response = await handle(Request(scope, receive_), token)
+        except Exception:  # never a stack trace to the provider; a 500 makes it re-send
+            log.exception("callback failed")
+            response = JSONResponse({"detail": "internal error"}, status_code=500)
+    await response(scope, receive_, send)
+
+
+async def handle(request: Request, token: str | None) -> Response:
+    try:
+        return await _handle(request, token)
+    except HTTPException as exc:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+
+async def _handle(request: Request, token: str | None) -> Response:
     settings: Settings = request.app.state.settings
     ingestor: Ingestor = request.app.state.ingestor
     check_callback(request, settings, token)

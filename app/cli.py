@@ -77,6 +77,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    access_log: Annotated[bool, typer.Option(help="Log every request")] = True,
 ) -> None:
     """Migrate the database, then serve the receiver and the API."""
     import uvicorn
@@ -90,6 +91,7 @@ def serve(
         port=port,
         workers=workers,
         log_level=log_level,
+        access_log=access_log,
         # X-Forwarded-For is judged by DLR_TRUSTED_PROXIES alone, never by uvicorn's default
         # of trusting loopback, so a local proxy cannot be used to forge an allowed address.
         proxy_headers=False,

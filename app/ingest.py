@@ -12,22 +12,24 @@ result is the same whatever order the notifications arrive in.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, and_, case, func, or_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import metrics
-from app.models import Event, Message, Rejected
-from app.notifications import RANK, Notification, Rejection, Status, supersedes
+from app.db import UTCDateTime
+from app.models import Rejected
+from app.notifications import FINAL_RANK, RANK, Notification, Rejection, Status, supersedes
 
 log = logging.getLogger(__name__)
 
@@ -92,58 +94,99 @@ class MessageDelta:
         }
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+# The hot path speaks SQL directly: SQLAlchemy Core would compile and type-process every
+# batch, which costs more than the database work itself. The statements are the same on
+# SQLite and PostgreSQL but for the placeholder, and each is built once per row count.
+# (column, PostgreSQL type) in the order the row tuples are built.
+EVENT_COLUMNS = (("dedupe_key", "text"), ("msg_key", "text"), ("type", "text"),
+                 ("status", "text"), ("status_extended", "text"),
+                 ("unknown_status_extended", "boolean"), ("text", "text"),
+                 ("text_raw", "bytea"), ("p_transaction_id", "text"),
+                 ("received_at", "timestamptz"))
+MESSAGE_COLUMNS = (("msg_key", "text"), ("msg_id", "text"), ("p_transaction_id", "text"),
+                   ("phone", "text"), ("sender", "text"), ("kind", "text"),
+                   ("send_id", "bigint"), ("status", "text"), ("status_rank", "integer"),
+                   ("status_extended", "text"), ("sent_at", "timestamptz"),
+                   ("delivered_at", "timestamptz"), ("seen_at", "timestamptz"),
+                   ("created_at", "timestamptz"), ("updated_at", "timestamptz"))
+_WINS = (f"(excluded.status_rank > messages.status_rank OR (excluded.status_rank = "
+         f"messages.status_rank AND excluded.status_rank = {FINAL_RANK}))")
+MESSAGE_MERGE = ", ".join([
+    # A lower status never overwrites a higher one; between equal final ones the later wins.
+    *(f"{c} = CASE WHEN {_WINS} THEN excluded.{c} ELSE messages.{c} END"
+      for c in ("status", "status_rank", "status_extended")),
+    # What the send record knows wins; what came first is kept for the first-time stamps.
+    *(f"{c} = COALESCE(excluded.{c}, messages.{c})"
+      for c in ("phone", "sender", "kind", "send_id", "sent_at")),
+    *(f"{c} = COALESCE(messages.{c}, excluded.{c})"
+      for c in ("p_transaction_id", "delivered_at", "seen_at")),
+    "updated_at = excluded.updated_at",
+])
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(dialect: str, table: str, columns: tuple[tuple[str, str], ...], rows: int,
+                tail: str) -> str:
+    names = ", ".join(name for name, _ in columns)
+    if dialect == "postgresql":
+        # The whole batch as one JSON parameter: one statement for any row count, so
+        # PostgreSQL plans it once, and Python serialises it in C rather than value by value.
+        record = ", ".join(f"{n} {'text' if t == 'bytea' else t}" for n, t in columns)
+        select = ", ".join(f"decode({n}, 'hex')" if t == "bytea" else n for n, t in columns)
+        return (f"INSERT INTO {table} ({names}) SELECT {select} "
+                f"FROM json_to_recordset(%s::json) AS r({record}) {tail}")
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * rows)} {tail}"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _bulk_insert(conn: Connection, table: str, columns: tuple[tuple[str, str], ...],
+                 rows: list[tuple[Any, ...]], tail: str, chunk: int = 500) -> list[Any]:
+    """Insert many rows in few statements; returns the RETURNING rows, if any."""
+    returned: list[Any] = []
+    postgres = conn.dialect.name == "postgresql"
+    names = [name for name, _ in columns]
+    for i in range(0, len(rows), chunk):
+        part = rows[i:i + chunk]
+        sql = _insert_sql(conn.dialect.name, table, columns, 0 if postgres else len(part), tail)
+        params: tuple[Any, ...]
+        if postgres:
+            params = (json.dumps([dict(zip(names, r, strict=True)) for r in part],
+                                 default=_json_value),)
+        else:
+            params = tuple(v for r in part for v in r)
+        result = conn.exec_driver_sql(sql, params)
+        if result.returns_rows:
+            returned.extend(result.fetchall())
+    return returned
+
+
+@lru_cache(maxsize=4)
+def _time_binder(dialect_name: str, dialect: Any) -> Callable[[Any], Any]:
+    """How the dialect stores UTCDateTime (SQLite keeps text), taken from the column type."""
+    return UTCDateTime().bind_processor(dialect) or (lambda v: v)  # type: ignore[return-value]
 
 
 def upsert_messages(conn: Connection, deltas: Iterable[MessageDelta]) -> None:
     """Merge deltas into message rows; a lower status never overwrites a higher one."""
-    rows = [d.row() for d in deltas]
-    if not rows:
-        return
-    m = Message.__table__.c
-    stmt = _insert(conn, Message.__table__)
-    ex = stmt.excluded
-    wins = or_(
-        ex.status_rank > m.status_rank,
-        and_(ex.status_rank == m.status_rank, ex.status_rank == RANK[Status.DELIVERED]),
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[m.msg_key],
-        set_={
-            "status": case((wins, ex.status), else_=m.status),
-            "status_rank": case((wins, ex.status_rank), else_=m.status_rank),
-            "status_extended": case((wins, ex.status_extended), else_=m.status_extended),
-            "p_transaction_id": func.coalesce(m.p_transaction_id, ex.p_transaction_id),
-            "phone": func.coalesce(ex.phone, m.phone),
-            "sender": func.coalesce(ex.sender, m.sender),
-            "kind": func.coalesce(ex.kind, m.kind),
-            "send_id": func.coalesce(ex.send_id, m.send_id),
-            "sent_at": func.coalesce(ex.sent_at, m.sent_at),
-            "delivered_at": func.coalesce(m.delivered_at, ex.delivered_at),
-            "seen_at": func.coalesce(m.seen_at, ex.seen_at),
-            "updated_at": ex.updated_at,
-        },
-    )
+    t = _time_binder(conn.dialect.name, conn.dialect)
     # Sorted keys make concurrent writers (several workers) lock rows in the same order.
-    rows.sort(key=lambda r: r["msg_key"])
-    conn.execute(stmt, rows)
-
-
-def _event_row(n: Notification) -> dict[str, Any]:
-    return {
-        "dedupe_key": n.dedupe_key,
-        "msg_key": n.msg_key,
-        "type": n.type,
-        "status": n.status.value if n.status else None,
-        "status_extended": n.status_extended,
-        "unknown_status_extended": n.unknown_status_extended,
-        "text": n.text,
-        "text_raw": n.text_raw,
-        "p_transaction_id": n.p_transaction_id,
-        "received_at": n.received_at,
-    }
+    rows = [
+        (d.msg_key, d.msg_id, d.p_transaction_id, d.phone, d.sender, d.kind, d.send_id,
+         d.status.value, RANK[d.status], d.status_extended, t(d.sent_at), t(d.delivered_at),
+         t(d.seen_at), t(d.updated_at), t(d.updated_at))
+        for d in sorted(deltas, key=lambda d: d.msg_key)
+    ]
+    if rows:
+        _bulk_insert(conn, "messages", MESSAGE_COLUMNS, rows,
+                            f"ON CONFLICT (msg_key) DO UPDATE SET {MESSAGE_MERGE}")
 
 
 def _rejected_row(r: Rejection) -> dict[str, Any]:
@@ -165,29 +208,33 @@ def store(conn: Connection, items: Sequence[Item]) -> list[Outcome]:
     if rejected:
         conn.execute(Rejected.__table__.insert(), rejected)
 
-    first: dict[str, int] = {}  # dedupe_key -> index of its first copy in this batch
+    first: dict[str, Notification] = {}  # dedupe_key -> its first copy in this batch
+    index: dict[str, int] = {}
     for idx, item in enumerate(items):
         if isinstance(item, Notification):
             outcomes[idx] = "duplicate"
-            first.setdefault(item.dedupe_key, idx)
+            if item.dedupe_key not in first:
+                first[item.dedupe_key] = item
+                index[item.dedupe_key] = idx
     if not first:
         return outcomes
 
-    stmt = (
-        _insert(conn, Event.__table__)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(Event.__table__.c.dedupe_key)
-    )
-    rows = [_event_row(items[idx]) for idx in first.values()]  # type: ignore[arg-type]
-    inserted = set(conn.execute(stmt, rows).scalars().all())
+    t = _time_binder(conn.dialect.name, conn.dialect)
+    rows = [
+        (n.dedupe_key, n.msg_key, n.type, n.status.value if n.status else None,
+         n.status_extended, n.unknown_status_extended, n.text, n.text_raw,
+         n.p_transaction_id, t(n.received_at))
+        for n in first.values()
+    ]
+    inserted = {r[0] for r in _bulk_insert(
+        conn, "events", EVENT_COLUMNS, rows,
+        "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")}
 
     deltas: dict[str, MessageDelta] = {}
-    for key, idx in first.items():
+    for key, n in first.items():
         if key not in inserted:
             continue
-        outcomes[idx] = "new"
-        n = items[idx]
-        assert isinstance(n, Notification)
+        outcomes[index[key]] = "new"
         delta = deltas.get(n.msg_key)
         if delta is None:
             delta = deltas[n.msg_key] = MessageDelta(
@@ -251,44 +298,51 @@ class _Pending:
     future: asyncio.Future[Outcome]
 
 
-@dataclass
 class Ingestor:
-    """Group commit: requests wait on a future that the single writer resolves per batch."""
+    """Group commit: requests wait on a future that a writer resolves once per batch.
 
-    engine: Engine
-    max_batch: int = 500
-    _queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
-    _task: asyncio.Task[None] | None = None
-    _executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="dlr-writer")
-    )
+    Each writer owns one queue, one thread and one connection. Notifications are routed by
+    msg_key, so one message's notifications are always written by the same writer, in
+    arrival order, while writers for other messages overlap their waits on the database.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 500, writers: int = 1) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._queues: list[asyncio.Queue[_Pending]] = [asyncio.Queue() for _ in range(writers)]
+        self._executor = ThreadPoolExecutor(writers, thread_name_prefix="dlr-writer")
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dlr-writer")
+        self._tasks = [asyncio.create_task(self._run(q), name=f"dlr-writer-{i}")
+                       for i, q in enumerate(self._queues)]
+
+    def _queue_for(self, item: Item) -> asyncio.Queue[_Pending]:
+        if len(self._queues) == 1 or isinstance(item, Rejection):
+            return self._queues[0]
+        return self._queues[hash(item.msg_key) % len(self._queues)]
 
     async def submit(self, item: Item) -> Outcome:
         """Resolve once the item is committed; raise StoreUnavailable if it was not."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(item, future))
+        self._queue_for(item).put_nowait(_Pending(item, future))
         return await future
 
     async def close(self) -> None:
         """Finish everything queued, then stop (graceful shutdown answers every request)."""
-        await self._queue.join()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for queue in self._queues:
+            await queue.join()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def _run(self) -> None:
+    async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = [await queue.get()]
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
             metrics.BATCH_SIZE.observe(len(batch))
             try:
                 results = await loop.run_in_executor(
@@ -305,4 +359,4 @@ class Ingestor:
                         pending.future.set_exception(result)
                     else:
                         pending.future.set_result(result)
-                self._queue.task_done()
+                queue.task_done()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import Receive, Scope, Send
 
 from app import api, callbacks, send_api
 from app.config import Settings, get_settings
@@ -24,13 +26,30 @@ from app.sender import NotConfigured, Sender
 log = logging.getLogger(__name__)
 
 
+class ReceiverApp(FastAPI):
+    """FastAPI, with callbacks handed to the receiver before FastAPI's own routing."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and callbacks.is_callback_path(scope["path"]):
+            scope["app"] = self
+            await callbacks.asgi(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The writer threads hand the GIL back and forth with the event loop once per
+        # database call; at the default 5 ms switch interval each hand-off stalls the batch
+        # (measured: about 40% lower ingest rate). 0.5 ms keeps hand-offs short.
+        sys.setswitchinterval(0.0005)
         engine = make_engine(settings)
-        ingestor = Ingestor(engine, max_batch=settings.batch_max_size)
+        # SQLite has one writer at a time anyway; PostgreSQL gains from overlapping round trips.
+        ingestor = Ingestor(engine, max_batch=settings.batch_max_size,
+                            writers=1 if settings.is_sqlite else 2)
         app.state.engine = engine
         app.state.ingestor = ingestor
         try:
@@ -48,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await ingestor.close()
             engine.dispose()
 
-    app = FastAPI(
+    app = ReceiverApp(
         title="DLR receiver",
         version="0.1.0",
         description="Receives the provider's delivery, seen and reply notifications, keeps "
