@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
-from sqlalchemy import ColumnElement, func, select
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.models import Event, Message, Rejected
@@ -29,12 +28,13 @@ from app.security import require_api_access
 router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(require_api_access)])
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine) as session:
-        yield session
+async def get_engine(request: Request) -> Engine:
+    return request.app.state.engine  # type: ignore[no-any-return]
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Routes open their session inside their own worker thread and close it there, so a
+# connection is never held while waiting for a thread to tear a dependency down.
+EngineDep = Annotated[Engine, Depends(get_engine)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="Items per page")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
 Since = Annotated[datetime | None, Query(description="ISO 8601; inclusive")]
@@ -68,24 +68,51 @@ def summary(m: Message) -> MessageSummary:
     return MessageSummary.model_validate(m, from_attributes=True)
 
 
-@router.get("/messages/{msg_id}", response_model=MessageOut)
-def get_message(msg_id: str, session: SessionDep) -> MessageOut:
-    key = msg_key(msg_id)
-    message = session.scalar(select(Message).where(Message.msg_key == key))
-    if message is None:
+_SUMMARY_COLUMNS = [Message.__table__.c[name] for name in MessageSummary.model_fields]
+_EVENT_COLUMNS = [Event.__table__.c[name] for name in EventOut.model_fields]
+
+
+# Built once: constructing a statement costs more than running this indexed lookup.
+_LOOKUP = (
+    select(*_SUMMARY_COLUMNS, *(c.label(f"e_{c.name}") for c in _EVENT_COLUMNS))
+    .select_from(Message.__table__.outerjoin(Event.__table__, Event.msg_key == Message.msg_key))
+    .where(Message.msg_key == bindparam("key"))
+    .order_by(Event.id)
+)
+
+
+def load_message(conn: Connection, msg_id: str) -> MessageOut:
+    """A message with its timeline, in one round trip; 404 HTTPException when unknown."""
+    rows = conn.execute(_LOOKUP, {"key": msg_key(msg_id)}).all()
+    if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no message with msg_id {msg_id!r}")
-    events = session.scalars(select(Event).where(Event.msg_key == key).order_by(Event.id)).all()
+    n = len(_SUMMARY_COLUMNS)
+    events = [EventOut(**dict(zip(EventOut.model_fields, r[n:], strict=True)))
+              for r in rows if r[n] is not None]
     return MessageOut(
-        **summary(message).model_dump(),
+        **dict(zip(MessageSummary.model_fields, rows[0][:n], strict=True)),
         replies=[ReplyOut(text=e.text or "", received_at=e.received_at)
                  for e in events if e.type == "reply"],
-        events=[EventOut.model_validate(e, from_attributes=True) for e in events],
+        events=events,
     )
+
+
+@router.get("/messages/{msg_id}", response_model=MessageOut,
+            responses={404: {"description": "unknown msg_id"}})
+async def get_message(msg_id: str, engine: EngineDep) -> Response:
+    """A message's current status and full timeline (msg_id of UUID form in any letter case).
+
+    Answered on the event loop: it is one indexed query, and a hop to a worker thread
+    (and back, for every database call) cost several times the query itself.
+    """
+    with engine.connect() as conn:
+        message = load_message(conn, msg_id)
+    return Response(message.model_dump_json(), media_type="application/json")
 
 
 @router.get("/messages", response_model=Page[MessageSummary])
 def list_messages(
-    session: SessionDep,
+    engine: EngineDep,
     p_transaction_id: str | None = None,
     phone: str | None = None,
     status_: Annotated[Status | None, Query(alias="status")] = None,
@@ -96,85 +123,88 @@ def list_messages(
 ) -> Page[MessageSummary]:
     """Messages, newest first. Pages are keyed on the row id, so rows inserted while a client
     pages through appear on no page it has not read yet and shift nothing."""
-    query = select(Message).order_by(Message.id.desc()).limit(limit + 1)
-    conditions: list[ColumnElement[bool]] = []
-    if p_transaction_id is not None:
-        conditions.append(Message.p_transaction_id == p_transaction_id)
-    if phone is not None:
-        conditions.append(Message.phone == phone)
-    if status_ is not None:
-        conditions.append(Message.status == status_.value)
-    if since is not None:
-        conditions.append(Message.created_at >= since)
-    if until is not None:
-        conditions.append(Message.created_at < until)
-    after = decode_cursor(cursor)
-    if after is not None:
-        conditions.append(Message.id < after)
-    rows, next_cursor = _page(list(session.scalars(query.where(*conditions))), limit,
-                              lambda m: m.id)
-    return Page[MessageSummary](items=[summary(m) for m in rows], next_cursor=next_cursor)
+    with Session(engine) as session:
+        query = select(Message).order_by(Message.id.desc()).limit(limit + 1)
+        conditions: list[ColumnElement[bool]] = []
+        if p_transaction_id is not None:
+            conditions.append(Message.p_transaction_id == p_transaction_id)
+        if phone is not None:
+            conditions.append(Message.phone == phone)
+        if status_ is not None:
+            conditions.append(Message.status == status_.value)
+        if since is not None:
+            conditions.append(Message.created_at >= since)
+        if until is not None:
+            conditions.append(Message.created_at < until)
+        after = decode_cursor(cursor)
+        if after is not None:
+            conditions.append(Message.id < after)
+        rows, next_cursor = _page(list(session.scalars(query.where(*conditions))), limit,
+                                  lambda m: m.id)
+        return Page[MessageSummary](items=[summary(m) for m in rows], next_cursor=next_cursor)
 
 
 @router.get("/replies", response_model=Page[ReplyItem])
 def list_replies(
-    session: SessionDep, since: Since = None, limit: Limit = 100, cursor: Cursor = None
+    engine: EngineDep, since: Since = None, limit: Limit = 100, cursor: Cursor = None
 ) -> Page[ReplyItem]:
     """Subscribers' replies, newest first, with the message they answer."""
-    query = (
-        select(Event, Message)
-        .join(Message, Message.msg_key == Event.msg_key)
-        .where(Event.type == "reply")
-        .order_by(Event.id.desc())
-        .limit(limit + 1)
-    )
-    if since is not None:
-        query = query.where(Event.received_at >= since)
-    after = decode_cursor(cursor)
-    if after is not None:
-        query = query.where(Event.id < after)
-    rows, next_cursor = _page(list(session.execute(query).all()), limit, lambda r: r[0].id)
-    items = [
-        ReplyItem(msg_id=m.msg_id, p_transaction_id=m.p_transaction_id or e.p_transaction_id,
-                  phone=m.phone, text=e.text or "", received_at=e.received_at)
-        for e, m in rows  # type: ignore[misc]
-    ]
-    return Page[ReplyItem](items=items, next_cursor=next_cursor)
+    with Session(engine) as session:
+        query = (
+            select(Event, Message)
+            .join(Message, Message.msg_key == Event.msg_key)
+            .where(Event.type == "reply")
+            .order_by(Event.id.desc())
+            .limit(limit + 1)
+        )
+        if since is not None:
+            query = query.where(Event.received_at >= since)
+        after = decode_cursor(cursor)
+        if after is not None:
+            query = query.where(Event.id < after)
+        rows, next_cursor = _page(list(session.execute(query).all()), limit, lambda r: r[0].id)
+        items = [
+            ReplyItem(msg_id=m.msg_id, p_transaction_id=m.p_transaction_id or e.p_transaction_id,
+                      phone=m.phone, text=e.text or "", received_at=e.received_at)
+            for e, m in rows  # type: ignore[misc]
+        ]
+        return Page[ReplyItem](items=items, next_cursor=next_cursor)
 
 
 @router.get("/stats", response_model=Stats)
-def stats(session: SessionDep, since: Since = None, until: Until = None) -> Stats:
+def stats(engine: EngineDep, since: Since = None, until: Until = None) -> Stats:
     """Messages created in the window, by status and status_extended; events by type."""
-    def window(col: object) -> list[ColumnElement[bool]]:
-        conds = []
-        if since is not None:
-            conds.append(col >= since)  # type: ignore[operator]
-        if until is not None:
-            conds.append(col < until)  # type: ignore[operator]
-        return conds
+    with Session(engine) as session:
+        def window(col: object) -> list[ColumnElement[bool]]:
+            conds = []
+            if since is not None:
+                conds.append(col >= since)  # type: ignore[operator]
+            if until is not None:
+                conds.append(col < until)  # type: ignore[operator]
+            return conds
 
-    by_status = dict(session.execute(
-        select(Message.status, func.count()).where(*window(Message.created_at))
-        .group_by(Message.status)
-    ).all())
-    by_ext = dict(session.execute(
-        select(Message.status_extended, func.count())
-        .where(Message.status_extended.is_not(None), *window(Message.created_at))
-        .group_by(Message.status_extended)
-    ).all())
-    by_type = dict(session.execute(
-        select(Event.type, func.count()).where(*window(Event.received_at)).group_by(Event.type)
-    ).all())
-    rejected = session.scalar(
-        select(func.count()).select_from(Rejected).where(*window(Rejected.received_at))
-    ) or 0
-    return Stats(
-        since=since, until=until, total=sum(by_status.values()),
-        by_status={s.value: by_status.get(s.value, 0) for s in Status},
-        by_status_extended=by_ext, events_by_type={t: by_type.get(t, 0) for t in
-                                                   ("delivery", "seen", "reply")},
-        rejected=rejected,
-    )
+        by_status = dict(session.execute(
+            select(Message.status, func.count()).where(*window(Message.created_at))
+            .group_by(Message.status)
+        ).all())
+        by_ext = dict(session.execute(
+            select(Message.status_extended, func.count())
+            .where(Message.status_extended.is_not(None), *window(Message.created_at))
+            .group_by(Message.status_extended)
+        ).all())
+        by_type = dict(session.execute(
+            select(Event.type, func.count()).where(*window(Event.received_at)).group_by(Event.type)
+        ).all())
+        rejected = session.scalar(
+            select(func.count()).select_from(Rejected).where(*window(Rejected.received_at))
+        ) or 0
+        return Stats(
+            since=since, until=until, total=sum(by_status.values()),
+            by_status={s.value: by_status.get(s.value, 0) for s in Status},
+            by_status_extended=by_ext, events_by_type={t: by_type.get(t, 0) for t in
+                                                       ("delivery", "seen", "reply")},
+            rejected=rejected,
+        )
 
 
 def _decoded(data: bytes) -> str:
@@ -182,18 +212,19 @@ def _decoded(data: bytes) -> str:
 
 
 @router.get("/rejected", response_model=Page[RejectedItem])
-def list_rejected(session: SessionDep, limit: Limit = 100, cursor: Cursor = None
+def list_rejected(engine: EngineDep, limit: Limit = 100, cursor: Cursor = None
                   ) -> Page[RejectedItem]:
     """Callbacks kept as invalid, newest first, with the reason and the content as received."""
-    query = select(Rejected).order_by(Rejected.id.desc()).limit(limit + 1)
-    after = decode_cursor(cursor)
-    if after is not None:
-        query = query.where(Rejected.id < after)
-    rows, next_cursor = _page(list(session.scalars(query)), limit, lambda r: r.id)
-    items = [
-        RejectedItem(id=r.id, reason=r.reason, raw=_decoded(r.body or r.query), method=r.method,
-                     content_type=r.content_type, query=_decoded(r.query),
-                     source_ip=r.source_ip, received_at=r.received_at)
-        for r in rows  # type: ignore[attr-defined]
-    ]
-    return Page[RejectedItem](items=items, next_cursor=next_cursor)
+    with Session(engine) as session:
+        query = select(Rejected).order_by(Rejected.id.desc()).limit(limit + 1)
+        after = decode_cursor(cursor)
+        if after is not None:
+            query = query.where(Rejected.id < after)
+        rows, next_cursor = _page(list(session.scalars(query)), limit, lambda r: r.id)
+        items = [
+            RejectedItem(id=r.id, reason=r.reason, raw=_decoded(r.body or r.query), method=r.method,
+                         content_type=r.content_type, query=_decoded(r.query),
+                         source_ip=r.source_ip, received_at=r.received_at)
+            for r in rows  # type: ignore[attr-defined]
+        ]
+        return Page[RejectedItem](items=items, next_cursor=next_cursor)

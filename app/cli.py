@@ -15,7 +15,6 @@ from fastapi import HTTPException
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from app.config import Settings, SettingsError, load_settings
 
@@ -106,14 +105,14 @@ def serve(
 @one_line_errors
 def status(msg_id: Annotated[str, typer.Argument(help="The provider's msg_id")]) -> None:
     """Show a message's current status and its timeline."""
-    from app.api import get_message
+    from app.api import load_message
     from app.db import make_engine
 
     engine = make_engine(settings(), pool_size=1)
     try:
-        with Session(engine) as session:
+        with engine.connect() as conn:
             try:
-                message = get_message(msg_id, session)
+                message = load_message(conn, msg_id)
             except HTTPException as exc:
                 raise CliError(str(exc.detail)) from None
     finally:

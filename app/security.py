@@ -74,8 +74,12 @@ def _presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def require_api_access(request: Request) -> None:
-    """API keys when configured; otherwise loopback clients only."""
+async def require_api_access(request: Request) -> None:
+    """API keys when configured; otherwise loopback clients only (async: no thread hop)."""
+    check_api_access(request)
+
+
+def check_api_access(request: Request) -> None:
     settings: Settings = request.app.state.settings
     keys = settings.api_key_values()
     if keys:

@@ -41,7 +41,7 @@ class ImageUploaded(BaseModel):
     image_id: str
 
 
-def get_sender(request: Request) -> Sender:
+async def get_sender(request: Request) -> Sender:
     sender: Sender | None = request.app.state.sender
     if sender is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,

@@ -1,0 +1,299 @@
+"""Ingest and lookup benchmark: `make bench` (or `python -m bench --help`).
+
+In one run, per backend: start `dlr serve`, measure its own /healthz with wrk as the
+baseline, drive /dlr with a campaign's callback mix over 64 connections, check that exactly
+what was acknowledged is stored, then seed 1M messages / 3M events and measure lookups.
+Every figure is reported as a ratio to the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import psycopg
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import text
+
+from app.config import load_settings
+from app.db import make_engine
+from bench.seed import seed
+
+HERE = Path(__file__).resolve().parent
+DLR = str(Path(sys.executable).with_name("dlr"))
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+console = Console()
+
+
+@dataclass
+class Wrk:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_200: int
+    requests: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def wrk(url: str, script: str, seconds: int, connections: int, env: dict[str, str]) -> Wrk:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+           "-s", str(HERE / script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env=os.environ | env).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    non_200 = (data["status_errors"] + data["connect_errors"] + data["read_errors"]
+               + data["write_errors"] + data["timeouts"])
+    return Wrk(rps=data["requests"] / (data["duration_us"] / 1e6),
+               p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000,
+               non_200=non_200, requests=data["requests"],
+               extra={k: v for k, v in data.items() if k in ("distinct_sent", "resends_sent")})
+
+
+class Server:
+    """`dlr serve` in a subprocess, with its memory readable from /proc."""
+
+    def __init__(self, database_url: str, port: int, workers: int) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")}
+        env["DLR_DATABASE_URL"] = database_url
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [DLR, "serve", "--port", str(port), "--workers", str(workers), "--no-access-log",
+             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dlr serve did not start: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+            time.sleep(0.2)
+
+    def worker_pids(self) -> list[int]:
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        children = [int(p) for p in kids.read_text().split()] if kids.exists() else []
+        # With --workers N uvicorn's parent only supervises; the children serve.
+        return children or [self.proc.pid]
+
+    def memory_mb(self) -> dict[str, float]:
+        """Peak (VmHWM) and current (VmRSS) of the largest worker, in MB."""
+        peak = rss = 0.0
+        for pid in self.worker_pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            values = {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+                      for k in ("VmHWM", "VmRSS")}
+            peak, rss = max(peak, values["VmHWM"]), max(rss, values["VmRSS"])
+        return {"peak_mb": round(peak, 1), "rss_mb": round(rss, 1)}
+
+    def metric(self, name: str, **labels: str) -> float:
+        body = httpx.get(f"{self.url}/metrics").text
+        total = 0.0
+        for line in body.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line
+                                                   for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Database:
+    def __init__(self, backend: str, workdir: Path) -> None:
+        self.backend = backend
+        if backend == "sqlite":
+            self.url = f"sqlite:///{workdir / 'bench.db'}"
+            self.name = None
+        else:
+            self.name = f"dlr_bench_{uuid.uuid4().hex[:8]}"
+            with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+                admin.execute(f'CREATE DATABASE "{self.name}"')
+            self.url = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.name}"
+        self.engine = make_engine(load_settings(database_url=self.url, _env_file=None),
+                                  pool_size=1)
+
+    def exactness(self, prefix: str) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            row = conn.execute(text("""
+                SELECT count(*),
+                       count(DISTINCT msg_key || '|' || type || '|' || coalesce(status, '')
+                             || '|' || coalesce(status_extended, '') || '|'
+                             || coalesce(text, ''))
+                FROM events WHERE msg_key LIKE :p
+            """), {"p": f"{prefix}-%"}).one()
+        return {"stored": int(row[0]), "distinct_stored": int(row[1])}
+
+    def drop(self) -> None:
+        self.engine.dispose()
+        if self.name:
+            with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def ingest_round(server: Server, db: Database, seconds: int, connections: int,
+                 exact_metrics: bool) -> dict[str, Any]:
+    baseline = wrk(f"{server.url}/healthz", "plain.lua", seconds, connections, {})
+    prefix = f"b{uuid.uuid4().hex[:6]}"
+    new_before = server.metric("dlr_callbacks_total", outcome="new") if exact_metrics else 0
+    mix = wrk(f"{server.url}/dlr", "mix.lua", seconds, connections, {"BENCH_PREFIX": prefix})
+    time.sleep(0.5)  # the requests wrk abandoned at its deadline finish
+    stored = db.exactness(prefix)
+    sent = mix.extra["distinct_sent"]
+    checks = {
+        "no_duplicates": stored["stored"] == stored["distinct_stored"],
+        # Only requests still in flight when wrk stopped (at most one per connection) may
+        # be missing: the provider would re-send those.
+        "none_lost": sent - connections <= stored["stored"] <= sent,
+    }
+    if exact_metrics:
+        acked_new = server.metric("dlr_callbacks_total", outcome="new") - new_before
+        checks["acknowledged_all_stored"] = acked_new == stored["stored"]
+    return {
+        "baseline_rps": round(baseline.rps), "baseline_p99_ms": baseline.p99_ms,
+        "ingest_rps": round(mix.rps), "ratio": round(mix.rps / baseline.rps, 2),
+        "p50_ms": mix.p50_ms, "p99_ms": mix.p99_ms, "non_200": mix.non_200 + baseline.non_200,
+        "distinct_sent": sent, "resends_sent": mix.extra["resends_sent"],
+        "stored": stored["stored"], "checks": checks, "exact": all(checks.values()),
+        "memory": server.memory_mb(),
+    }
+
+
+def lookup_round(server: Server, messages: int, seconds: int, connections: int,
+                 workdir: Path) -> dict[str, Any]:
+    import random
+
+    rng = random.Random(1)
+    by_id = workdir / "by_id.txt"
+    by_id.write_text("".join(f"/api/v1/messages/seed-{rng.randint(1, messages)}\n"
+                             for _ in range(5000)))
+    by_ptid = workdir / "by_ptid.txt"
+    by_ptid.write_text("".join(
+        f"/api/v1/messages?p_transaction_id=camp-{rng.randint(0, 9999)}&limit=50\n"
+        for _ in range(5000)))
+    baseline = wrk(f"{server.url}/healthz", "plain.lua", seconds, connections, {})
+    one = wrk(f"{server.url}/", "plain.lua", seconds, connections, {"BENCH_PATHS": str(by_id)})
+    page = wrk(f"{server.url}/", "plain.lua", seconds, connections,
+               {"BENCH_PATHS": str(by_ptid)})
+    return {
+        "baseline_rps": round(baseline.rps),
+        "by_id": {"rps": round(one.rps), "ratio": round(one.rps / baseline.rps, 2),
+                  "p50_ms": one.p50_ms, "p99_ms": one.p99_ms, "non_200": one.non_200},
+        "by_ptid_page": {"rps": round(page.rps), "ratio": round(page.rps / baseline.rps, 2),
+                         "p50_ms": page.p50_ms, "p99_ms": page.p99_ms,
+                         "non_200": page.non_200},
+        "memory": server.memory_mb(),
+    }
+
+
+def run(
+    backends: Annotated[str, typer.Option(help="Comma-separated: sqlite,postgresql")
+                        ] = "sqlite,postgresql",
+    seconds: Annotated[int, typer.Option(help="Length of each wrk run")] = 10,
+    connections: Annotated[int, typer.Option()] = 64,
+    seed_messages: Annotated[int, typer.Option(help="Messages to seed for lookups (0: skip)")
+                             ] = 1_000_000,
+    rounds: Annotated[int, typer.Option(help="Ingest rounds on one server (memory growth)")
+                      ] = 2,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON results")
+                   ] = HERE / "results" / "latest.json",
+) -> None:
+    """Run the benchmark and print ratios to the same server's /healthz."""
+    if shutil.which("wrk") is None:
+        raise typer.BadParameter("wrk is not installed (Debian package `wrk`)")
+    results: dict[str, Any] = {"connections": connections, "seconds": seconds,
+                               "cpus": os.cpu_count(), "backends": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for backend in backends.split(","):
+            db = Database(backend, workdir)
+            res: dict[str, Any] = {}
+            try:
+                worker_counts = [1, 2] if backend == "postgresql" else [1]
+                for workers in worker_counts:
+                    console.print(f"[bold]{backend}[/bold]: ingest, {workers} worker(s)")
+                    server = Server(db.url, free_port(), workers)
+                    try:
+                        res[f"ingest_{workers}w"] = [
+                            ingest_round(server, db, seconds, connections,
+                                         exact_metrics=workers == 1)
+                            for _ in range(rounds if workers == 1 else 1)
+                        ]
+                    finally:
+                        server.stop()
+                if seed_messages:
+                    console.print(f"[bold]{backend}[/bold]: seeding {seed_messages:,} messages")
+                    started = time.monotonic()
+                    seed(db.engine, seed_messages)
+                    res["seed_seconds"] = round(time.monotonic() - started)
+                    server = Server(db.url, free_port(), 1)
+                    try:
+                        res["lookups"] = lookup_round(server, seed_messages, seconds,
+                                                      connections, workdir)
+                    finally:
+                        server.stop()
+            finally:
+                db.drop()
+            results["backends"][backend] = res
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    report(results)
+    console.print(f"results: {out}")
+
+
+def report(results: dict[str, Any]) -> None:
+    table = Table(title=f"{results['connections']} connections, {results['seconds']} s runs, "
+                        f"{results['cpus']} CPUs; ratios to the same server's /healthz")
+    for col in ("backend", "run", "req/s", "ratio", "p50 ms", "p99 ms", "non-200", "exact",
+                "peak MB"):
+        table.add_column(col)
+    for backend, res in results["backends"].items():
+        for key, rounds in res.items():
+            if not key.startswith("ingest_"):
+                continue
+            for i, r in enumerate(rounds, 1):
+                table.add_row(backend, f"{key} #{i}", str(r["ingest_rps"]), str(r["ratio"]),
+                              f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(r["non_200"]),
+                              "yes" if r["exact"] else f"NO {r['checks']}",
+                              str(r["memory"]["peak_mb"]))
+        if "lookups" in res:
+            lk = res["lookups"]
+            for name in ("by_id", "by_ptid_page"):
+                r = lk[name]
+                table.add_row(backend, f"lookup {name}", str(r["rps"]), str(r["ratio"]),
+                              f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(r["non_200"]),
+                              "-", str(lk["memory"]["peak_mb"]))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    typer.run(run)
