@@ -68,7 +68,7 @@ def parse_multipart(data: bytes, boundary: bytes) -> dict[str, str]:
         name = state["name"]
         if name:
             key = bytes(name).decode("utf-8", "surrogateescape")
-            fields.setdefault(key, bytes(value).decode("utf-8", "surrogateescape"))
+            fields[key] = bytes(value).decode("utf-8", "surrogateescape")
 
     parser = MultipartParser(
         boundary,
@@ -211,9 +211,13 @@ async def _handle(request: Request, token: str | None) -> Response:
             received_at=received_at,
         )
         kind = "invalid"
+        log.info("callback rejected: %s", item.reason,
+                 extra={"reason": item.reason, "source_ip": item.source_ip})
     try:
         outcome = await ingestor.submit(item)
-    except StoreUnavailable:
+    except StoreUnavailable as exc:
+        log.warning("not stored, answered 503: %s", exc,
+                    extra={"msg_id": getattr(item, "msg_id", None)})
         metrics.CALLBACKS.labels(type=kind, outcome="unavailable").inc()
         return JSONResponse(
             {"detail": "database unavailable; not stored, send again"},

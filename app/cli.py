@@ -77,9 +77,15 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request")] = True,
+    log_format: Annotated[str, typer.Option(help="text or json (one object a line)")] = "text",
 ) -> None:
     """Migrate the database, then serve the receiver and the API."""
     import uvicorn
+
+    from app.logs import log_config
+
+    if log_format not in ("text", "json"):
+        raise CliError("--log-format must be text or json")
 
     cfg = settings()
     migrate_database(cfg)
@@ -90,6 +96,7 @@ def serve(
         port=port,
         workers=workers,
         log_level=log_level,
+        log_config=log_config(log_format, log_level),
         access_log=access_log,
         # X-Forwarded-For is judged by DLR_TRUSTED_PROXIES alone, never by uvicorn's default
         # of trusting loopback, so a local proxy cannot be used to forge an allowed address.
@@ -345,6 +352,32 @@ def simulate(
     err.print(f"provider simulator on http://{host}:{port}/ (user {user!r}); DLRs to "
               f"{callback_url or 'nowhere (no --callback-url)'}", highlight=False)
     uvicorn.run(sim.app(), host=host, port=port, log_level="warning")
+
+
+@cli.command()
+@one_line_errors
+def purge(
+    older_than: Annotated[str, typer.Option(help="Age to keep, e.g. 90d, 12h, 30m")],
+    batch: Annotated[int, typer.Option(min=1, help="Rows per transaction")] = 5000,
+) -> None:
+    """Delete events, messages, rejected callbacks and send records older than an age."""
+    from app.db import make_engine, utcnow
+    from app.retention import parse_age
+    from app.retention import purge as purge_rows
+
+    try:
+        cutoff = utcnow() - parse_age(older_than)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    engine = make_engine(settings(), pool_size=1)
+    try:
+        with err.status("purging") as status:
+            deleted = purge_rows(engine, before=cutoff, batch=batch,
+                                 progress=lambda t, n: status.update(f"{t}: {n:,} deleted"))
+    finally:
+        engine.dispose()
+    out.print(f"deleted before {cutoff.isoformat()}: "
+              + ", ".join(f"{n:,} {t}" for t, n in deleted.items()))
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     upload_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     upload_sign_uppercase: bool = False
     restrict_metrics: bool = False
+    restrict_docs: bool = False
 
     @field_validator("callback_allowed_ips", "trusted_proxies", mode="before")
     @classmethod

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from anyio import to_thread
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -21,7 +22,7 @@ from app.config import Settings, get_settings
 from app.db import make_engine
 from app.ingest import Ingestor
 from app.schemas import Health
-from app.security import check_api_access
+from app.security import check_api_access, require_api_access
 from app.sender import NotConfigured, Sender
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ingestor = Ingestor(engine, max_batch=settings.batch_max_size,
                             writers=1 if settings.is_sqlite else 2)
         app.state.engine = engine
+        reader = engine if settings.is_sqlite else make_engine(
+            settings, pool_size=READ_THREADS, reader=True)
+        app.state.reader = reader
         app.state.ingestor = ingestor
         try:
             app.state.sender = Sender.from_settings(settings, engine)
@@ -71,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # on a batch are answered before the writer stops.
             await ingestor.close()
             engine.dispose()
+            reader.dispose()
 
     app = ReceiverApp(
         title="DLR receiver",
@@ -78,8 +83,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Receives the provider's delivery, seen and reply notifications, keeps "
         "each message's true status, and sends messages through the provider.",
         lifespan=lifespan,
+        **({"docs_url": None, "openapi_url": None} if settings.restrict_docs else {}),
     )
     app.state.settings = settings
+    if settings.restrict_docs:
+        guarded = [Depends(require_api_access)]
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+        async def openapi_json() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False, dependencies=guarded)
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
     app.include_router(callbacks.router)
     app.include_router(api.router)
     app.include_router(send_api.router)
