@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/dlr serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
 
-test: $(STAMP)
+# The dashboard's end-to-end test drives Debian's Chromium (Playwright's own browser
+# download is not used); installing it needs root, as on CI.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check app tests bench migrations
 	$(BIN)/pytest $(PYTEST_ARGS)
 

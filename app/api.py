@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
-from typing import Annotated
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, Integer, bindparam, func, select
 from sqlalchemy.orm import Session
 
+from app.db import utcnow
 from app.models import Event, Message, Rejected
 from app.notifications import Status, msg_key
 from app.schemas import (
     EventOut,
+    Funnel,
     MessageOut,
     MessageSummary,
     Page,
@@ -22,6 +24,8 @@ from app.schemas import (
     ReplyItem,
     ReplyOut,
     Stats,
+    Timeline,
+    TimelinePoint,
 )
 from app.security import require_api_access
 
@@ -110,7 +114,7 @@ _LIST = select(*_SUMMARY_COLUMNS, Message.id).order_by(Message.id.desc())
 
 
 @router.get("/messages", response_model=Page[MessageSummary])
-async def list_messages(
+def list_messages(
     engine: EngineDep,
     p_transaction_id: str | None = None,
     phone: str | None = None,
@@ -123,8 +127,9 @@ async def list_messages(
     """Messages, newest first. Pages are keyed on the row id, so rows inserted while a client
     pages through appear on no page it has not read yet and shift nothing.
 
-    Each filter has an index that ends in the id, so a page is one index range scan; like
-    the single-message lookup it is answered on the event loop.
+    Each filter has an index that ends in the id, so a page is one index range scan. It runs
+    in a worker thread: a page of rows not in cache can take milliseconds, too long to hold
+    the event loop that answers the callbacks.
     """
     conditions: list[ColumnElement[bool]] = []
     if p_transaction_id is not None:
@@ -179,40 +184,94 @@ def list_replies(
         return Page[ReplyItem](items=items, next_cursor=next_cursor)
 
 
-@router.get("/stats", response_model=Stats)
-def stats(engine: EngineDep, since: Since = None, until: Until = None) -> Stats:
-    """Messages created in the window, by status and status_extended; events by type."""
-    with Session(engine) as session:
-        def window(col: object) -> list[ColumnElement[bool]]:
-            conds = []
-            if since is not None:
-                conds.append(col >= since)  # type: ignore[operator]
-            if until is not None:
-                conds.append(col < until)  # type: ignore[operator]
-            return conds
+def _window(col: Any, since: datetime | None, until: datetime | None
+            ) -> list[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = []
+    if since is not None:
+        conds.append(col >= since)
+    if until is not None:
+        conds.append(col < until)
+    return conds
 
+
+@router.get("/stats", response_model=Stats)
+def stats(engine: EngineDep, since: Since = None, until: Until = None,
+          p_transaction_id: str | None = None) -> Stats:
+    """Messages first known in the window (optionally one p_transaction_id): by status, by
+    status_extended, and the funnel sent → delivered → seen → replied; events by type."""
+    scope = _window(Message.created_at, since, until)
+    if p_transaction_id is not None:
+        scope.append(Message.p_transaction_id == p_transaction_id)
+    event_scope = _window(Event.received_at, since, until)
+    if p_transaction_id is not None:
+        event_scope.append(Event.p_transaction_id == p_transaction_id)
+    with Session(engine) as session:
         by_status = dict(session.execute(
-            select(Message.status, func.count()).where(*window(Message.created_at))
-            .group_by(Message.status)
+            select(Message.status, func.count()).where(*scope).group_by(Message.status)
         ).all())
         by_ext = dict(session.execute(
             select(Message.status_extended, func.count())
-            .where(Message.status_extended.is_not(None), *window(Message.created_at))
+            .where(Message.status_extended.is_not(None), *scope)
             .group_by(Message.status_extended)
         ).all())
+        sent, delivered, seen = session.execute(
+            select(func.count(), func.count(Message.delivered_at), func.count(Message.seen_at))
+            .where(*scope)
+        ).one()
+        replied = session.scalar(
+            select(func.count(func.distinct(Event.msg_key)))
+            .join(Message, Message.msg_key == Event.msg_key)
+            .where(Event.type == "reply", *scope)
+        ) or 0
         by_type = dict(session.execute(
-            select(Event.type, func.count()).where(*window(Event.received_at)).group_by(Event.type)
+            select(Event.type, func.count()).where(*event_scope).group_by(Event.type)
         ).all())
         rejected = session.scalar(
-            select(func.count()).select_from(Rejected).where(*window(Rejected.received_at))
+            select(func.count()).select_from(Rejected)
+            .where(*_window(Rejected.received_at, since, until))
         ) or 0
-        return Stats(
-            since=since, until=until, total=sum(by_status.values()),
-            by_status={s.value: by_status.get(s.value, 0) for s in Status},
-            by_status_extended=by_ext, events_by_type={t: by_type.get(t, 0) for t in
-                                                       ("delivery", "seen", "reply")},
-            rejected=rejected,
-        )
+    return Stats(
+        since=since, until=until, p_transaction_id=p_transaction_id,
+        total=sum(by_status.values()),
+        by_status={s.value: by_status.get(s.value, 0) for s in Status},
+        by_status_extended=by_ext,
+        funnel=Funnel(sent=sent, delivered=delivered, seen=seen, replied=replied),
+        events_by_type={t: by_type.get(t, 0) for t in ("delivery", "seen", "reply")},
+        rejected=rejected,
+    )
+
+
+@router.get("/timeline", response_model=Timeline)
+def timeline(
+    engine: EngineDep,
+    since: Annotated[datetime, Query(description="ISO 8601; at most 2 days before until")],
+    until: Until = None,
+    bucket_seconds: Annotated[int, Query(ge=10, le=86400)] = 60,
+) -> Timeline:
+    """Notifications received per time bucket, by type (the dashboard's activity chart)."""
+    end = until or utcnow()
+    if end - since > timedelta(days=2):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            "the window is limited to 2 days")
+    with Session(engine) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            epoch: Any = func.floor(func.extract("epoch", Event.received_at) / bucket_seconds)
+        else:
+            epoch = func.cast(func.strftime("%s", Event.received_at), Integer) / bucket_seconds
+        rows = session.execute(
+            select(epoch.label("b"), Event.type, func.count())
+            .where(Event.received_at >= since, Event.received_at < end)
+            .group_by("b", Event.type)
+        ).all()
+    points: dict[int, dict[str, int]] = {}
+    for bucket, type_, n in rows:
+        points.setdefault(int(bucket), {})[type_] = n
+    return Timeline(bucket_seconds=bucket_seconds, points=[
+        TimelinePoint(t=datetime.fromtimestamp(b * bucket_seconds, UTC),
+                      delivery=c.get("delivery", 0), seen=c.get("seen", 0),
+                      reply=c.get("reply", 0))
+        for b, c in sorted(points.items())
+    ])
 
 
 def _decoded(data: bytes) -> str:

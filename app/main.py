@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
-from app import api, callbacks, send_api
+from app import api, callbacks, dashboard, send_api
 from app.config import Settings, get_settings
 from app.db import make_engine
 from app.ingest import Ingestor
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(callbacks.router)
     app.include_router(api.router)
     app.include_router(send_api.router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:

@@ -70,14 +70,35 @@ class RejectedItem(BaseModel):
     received_at: datetime
 
 
+class Funnel(BaseModel):
+    sent: int = Field(description="Messages known (sent or reported on)")
+    delivered: int = Field(description="Delivered (seen counts as delivered)")
+    seen: int
+    replied: int = Field(description="Messages with at least one reply")
+
+
 class Stats(BaseModel):
     since: datetime | None
     until: datetime | None
+    p_transaction_id: str | None = None
     total: int
     by_status: dict[str, int]
     by_status_extended: dict[str, int]
+    funnel: Funnel
     events_by_type: dict[str, int]
     rejected: int
+
+
+class TimelinePoint(BaseModel):
+    t: datetime
+    delivery: int
+    seen: int
+    reply: int
+
+
+class Timeline(BaseModel):
+    bucket_seconds: int
+    points: list[TimelinePoint]
 
 
 class Health(BaseModel):
