@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from app.schemas import invalid
 from app.security import require_api_access
 from app.sender import (
     BadImage,
@@ -63,8 +64,8 @@ async def send_message(body: SendRequest, sender: SenderDep) -> JSONResponse:
     """
     try:
         result = await run_in_threadpool(sender.send, body)
-    except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except ValueError as exc:  # from missing and no DLR_BULK_FROM
+        raise invalid(("body", "from"), str(exc)) from None
     if result.outcome == "accepted":
         return JSONResponse(SendAccepted(
             code=0, tech_message=result.tech_message, p_transaction_id=result.p_transaction_id,
@@ -90,7 +91,7 @@ async def upload_image(sender: SenderDep,
     try:
         check_image(data, max_bytes=limit)
     except BadImage as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise invalid(("body", "image"), str(exc)) from None
     try:
         image_id = await run_in_threadpool(sender.upload, data, image.filename or "image")
     except UploadRefused as exc:

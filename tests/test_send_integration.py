@@ -255,7 +255,7 @@ def test_upload_real_images(stack: Stack, name: str, data: bytes) -> None:
 
 def test_upload_refusals(stack: Stack) -> None:
     r = stack.api.post("/api/v1/images", files={"image": ("looks.png", b"just text, no image")})
-    assert r.status_code == 422 and "content" in r.json()["detail"]
+    assert r.status_code == 422 and "content" in r.json()["detail"][0]["msg"]
     stack.api.post(f"{stack.sim_url}/_sim/control", json={"upload_statuses": [3]})
     r = stack.api.post("/api/v1/images", files={"image": ("a.gif", GIF_1X1)})
     assert r.status_code == 502 and r.json()["code"] == 3
