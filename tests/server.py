@@ -63,13 +63,13 @@ def running_server(env: dict[str, str], *args: str, command: list[str] | None = 
 
 
 @contextmanager
-def serving_in_thread(app: object) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on a free loopback port in a thread (lifespan included)."""
+def serving_in_thread(app: object, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a loopback port in a thread (lifespan included)."""
     import threading
 
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",  # type: ignore[arg-type]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port or free_port(), log_level="warning",  # type: ignore[arg-type]
                             proxy_headers=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import Settings
+from app.db import make_engine
 from app.main import create_app
 from app.models import Send
+from app.sender import Sender, SendRequest, SendResult
 from app.simulator import EmitterSettings, ProviderSimulator
 
 from .conftest import make_settings
@@ -61,21 +63,9 @@ def stack_for(settings: Settings, **emitter: object) -> Iterator[Stack]:
             database_url=settings.database_url, bulk_url=f"{sim_url}/",
             media_url=f"{sim_url}/upload/", bulk_user=USER, bulk_secret_key=SECRET,
             bulk_from="Shop", send_backoff=0.01, send_timeout=2)
-        import uvicorn
-
-        config = uvicorn.Config(create_app(app_settings), host="127.0.0.1", port=receiver_port,
-                                log_level="warning", proxy_headers=False)
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{receiver_port}", timeout=10) as api:
-                yield Stack(sim, sim_url, api, app_settings)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=15)
+        with serving_in_thread(create_app(app_settings), port=receiver_port) as url, \
+                httpx.Client(base_url=url, timeout=10) as api:
+            yield Stack(sim, sim_url, api, app_settings)
 
 
 @pytest.fixture
@@ -164,6 +154,20 @@ def test_input_over_the_limits_sends_nothing(stack: Stack) -> None:
     assert stack.sim.requests == []
 
 
+def send_one(settings: Settings, **overrides: object) -> SendResult:
+    """Send one text through the Python API with the given provider settings."""
+    cfg = make_settings(database_url=settings.database_url, bulk_user=USER,
+                        bulk_secret_key=SECRET, bulk_from="Shop", send_backoff=0.01,
+                        **overrides)
+    eng = make_engine(cfg)
+    sender = Sender.from_settings(cfg, eng)
+    try:
+        return sender.send(SendRequest(phone=["79031234567"], txt="hi"))
+    finally:
+        sender.close()
+        eng.dispose()
+
+
 @pytest.fixture
 def silent_provider() -> Iterator[str]:
     """A provider that takes the request and never answers."""
@@ -189,39 +193,15 @@ def silent_provider() -> Iterator[str]:
 def test_timeout_after_sending_is_unknown_and_not_resent(
     settings: Settings, engine: Engine, silent_provider: str
 ) -> None:
-    from app.db import make_engine
-    from app.sender import Sender, SendRequest
-
-    cfg = make_settings(database_url=settings.database_url, bulk_url=silent_provider,
-                        bulk_user=USER, bulk_secret_key=SECRET, bulk_from="Shop",
-                        send_timeout=0.5, send_backoff=0.01)
-    eng = make_engine(cfg)
-    sender = Sender.from_settings(cfg, eng)
-    try:
-        result = sender.send(SendRequest(phone=["79031234567"], txt="hi"))
-    finally:
-        sender.close()
-        eng.dispose()
+    result = send_one(settings, bulk_url=silent_provider, send_timeout=0.5)
     assert (result.outcome, result.attempts, result.msg_ids) == ("unknown", 1, {})
     with engine.connect() as conn:
         assert conn.scalar(select(Send.outcome)) == "unknown"
 
 
 def test_unreachable_provider_is_retried_then_failed(settings: Settings, engine: Engine) -> None:
-    from app.db import make_engine
-    from app.sender import Sender, SendRequest
-
-    cfg = make_settings(database_url=settings.database_url,
-                        bulk_url=f"http://127.0.0.1:{free_port()}/", bulk_user=USER,
-                        bulk_secret_key=SECRET, bulk_from="Shop", send_backoff=0.01)
-    eng = make_engine(cfg)
-    sender = Sender.from_settings(cfg, eng)
-    try:
-        result = sender.send(SendRequest(phone=["79031234567"], txt="hi"))
-    finally:
-        sender.close()
-        eng.dispose()
-    assert (result.outcome, result.attempts) == ("failed", 1 + cfg.send_max_retries)
+    result = send_one(settings, bulk_url=f"http://127.0.0.1:{free_port()}/")
+    assert (result.outcome, result.attempts) == ("failed", 1 + settings.send_max_retries)
 
 
 def png_1x1() -> bytes:
