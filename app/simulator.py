@@ -69,7 +69,6 @@ class _Callback:
 
 @dataclass
 class Counters:
-    sent_messages: int = 0
     notifications: int = 0  # distinct notifications planned
     attempts: int = 0
     acknowledged: int = 0  # answered 200
