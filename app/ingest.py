@@ -1,8 +1,8 @@
 """The write path. Every notification, rejection and send record reaches the database here.
 
-Requests hand their item to the `Ingestor` and wait. One writer per process takes whatever
-has queued up, writes it in one transaction (group commit: one fsync for many callbacks) and
-only then answers each waiting request. If the commit fails, every request in the batch
+Requests hand their item to the `Ingestor` and wait. A writer takes whatever has queued up,
+writes it in one transaction (group commit: one fsync for many callbacks) and only then
+answers each waiting request. If the commit fails, every request in the batch
 learns it and answers 503, so nothing is acknowledged that is not stored.
 
 Message status is folded with `supersedes()`, in SQL for what is already stored, so the
@@ -74,29 +74,10 @@ class MessageDelta:
             self.status = new
             self.status_extended = n.status_extended
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "msg_key": self.msg_key,
-            "msg_id": self.msg_id,
-            "p_transaction_id": self.p_transaction_id,
-            "phone": self.phone,
-            "sender": self.sender,
-            "kind": self.kind,
-            "send_id": self.send_id,
-            "status": self.status.value,
-            "status_rank": RANK[self.status],
-            "status_extended": self.status_extended,
-            "sent_at": self.sent_at,
-            "delivered_at": self.delivered_at,
-            "seen_at": self.seen_at,
-            "created_at": self.updated_at,
-            "updated_at": self.updated_at,
-        }
-
 
 # The hot path speaks SQL directly: SQLAlchemy Core would compile and type-process every
-# batch, which costs more than the database work itself. The statements are the same on
-# SQLite and PostgreSQL but for the placeholder, and each is built once per row count.
+# batch, which costs more than the database work itself. Both databases get the same
+# INSERT ... ON CONFLICT; only how the rows travel differs (see _insert_sql).
 # (column, PostgreSQL type) in the order the row tuples are built.
 EVENT_COLUMNS = (("dedupe_key", "text"), ("msg_key", "text"), ("type", "text"),
                  ("status", "text"), ("status_extended", "text"),
