@@ -8,6 +8,7 @@ after it is committed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from urllib.parse import parse_qsl
@@ -183,11 +184,18 @@ async def _handle(request: Request, token: str | None) -> Response:
     try:
         body = b""
         if request.method == "POST":
-            body = await read_body(request, settings.max_callback_bytes)
+            # A body that trickles in must not hold a connection (and its memory) forever.
+            async with asyncio.timeout(settings.callback_read_timeout):
+                body = await read_body(request, settings.max_callback_bytes)
     except BodyTooLarge:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"callback body over {settings.max_callback_bytes} bytes",
+        ) from None
+    except TimeoutError:
+        raise HTTPException(
+            status.HTTP_408_REQUEST_TIMEOUT,
+            f"callback body not received within {settings.callback_read_timeout} s",
         ) from None
 
     query = request.scope.get("query_string", b"")

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     bulk_secret_key: SecretStr | None = None
     bulk_from: str | None = None
     max_callback_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    callback_read_timeout: float = Field(default=10.0, gt=0, le=300)
 
     # Beyond the contract: knobs an operator may need, all with safe defaults.
     db_timeout: float = Field(default=5.0, gt=0, le=300)

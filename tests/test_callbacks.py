@@ -217,3 +217,18 @@ async def test_json_body_that_is_not_an_object(client: httpx.AsyncClient) -> Non
     assert r.status_code == 200
     [item] = (await client.get("/api/v1/rejected")).json()["items"]
     assert item["reason"] == "JSON body is not an object"
+
+
+async def test_a_trickling_body_is_cut_off(app_with: AppFactory, engine: Engine) -> None:
+    app = await app_with(callback_read_timeout=0.3)
+
+    async def slow():  # type: ignore[no-untyped-def]
+        yield b"type=seen&msg_id=slow"
+        await asyncio.sleep(2)
+        yield b"&x=1"
+
+    async with client_for(app) as c:
+        r = await c.post("/dlr", content=slow())
+    assert r.status_code == 408
+    assert "not received within" in r.json()["detail"]
+    assert events(engine) == rejected(engine) == 0
