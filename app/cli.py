@@ -102,6 +102,7 @@ def serve(
         # of trusting loopback, so a local proxy cannot be used to forge an allowed address.
         proxy_headers=False,
         server_header=False,
+        http="app.http_protocol:HeaderTimeoutProtocol",
         timeout_graceful_shutdown=30,
         timeout_keep_alive=30,
         h11_max_incomplete_event_size=16 * 1024,

@@ -51,3 +51,24 @@ def test_two_workers_share_the_database(settings: Settings, engine: Engine) -> N
                 range(300)))
     assert set(answers) == {200}
     assert events(engine) == 150
+
+
+def test_slow_request_heads_are_cut_off(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    env = {"DLR_DATABASE_URL": f"sqlite:///{tmp_path / 'slow.db'}",
+           "DLR_CALLBACK_READ_TIMEOUT": "0.5"}
+    with running_server(env) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as idle, \
+                socket.create_connection((host, int(port))) as slow:
+            slow.sendall(b"POST /dlr HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            idle.settimeout(5)
+            slow.settimeout(5)
+            started = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by the server
+            assert idle.recv(1024) == b""
+            assert time.monotonic() - started < 4
+        # Ordinary requests are not affected.
+        assert httpx.get(f"{url}/dlr", params={"type": "seen", "msg_id": "s"}).status_code == 200
