@@ -6,8 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 from sqlalchemy import ColumnElement, Connection, Engine, Integer, bindparam, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
 
 from app.db import utcnow
 from app.models import Event, Message, Rejected
@@ -26,7 +29,7 @@ from app.schemas import (
     TimelinePoint,
     invalid,
 )
-from app.security import require_api_access
+from app.security import check_api_access, require_api_access
 
 router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(require_api_access)])
 
@@ -96,12 +99,44 @@ def load_message(conn: Connection, msg_id: str) -> MessageOut:
 async def get_message(msg_id: str, engine: EngineDep) -> Response:
     """A message's current status and full timeline (msg_id of UUID form in any letter case).
 
-    Answered on the event loop: it is one indexed query, and a hop to a worker thread
-    (and back, for every database call) cost several times the query itself.
+    The documented route; requests normally arrive through `message_asgi` below instead.
     """
+    return message_response(engine, msg_id)
+
+
+def message_response(engine: Engine, msg_id: str) -> Response:
+    # Answered on the event loop: it is one indexed query, and a hop to a worker thread
+    # (and back, for every database call) costs several times the query itself.
     with engine.connect() as conn:
         message = load_message(conn, msg_id)
     return Response(message.model_dump_json(), media_type="application/json")
+
+
+MESSAGE_PREFIX = "/api/v1/messages/"
+
+
+def is_message_path(scope: Scope) -> bool:
+    path: str = scope["path"]
+    return (scope["method"] == "GET" and path.startswith(MESSAGE_PREFIX)
+            and "/" not in path[len(MESSAGE_PREFIX):] and len(path) > len(MESSAGE_PREFIX))
+
+
+async def message_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    """The single-message lookup ahead of FastAPI's routing and dependency solving, which
+    cost more than the lookup itself (measured: 0.30 of /healthz through FastAPI). Same
+    access rule, same answers, same JSON errors."""
+    request = Request(scope, receive)
+    response: Response
+    try:
+        check_api_access(request)
+        response = message_response(request.app.state.reader,
+                                    scope["path"][len(MESSAGE_PREFIX):])
+    except HTTPException as exc:
+        response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                                headers=exc.headers)
+    except SQLAlchemyError:
+        response = JSONResponse({"detail": "database unavailable"}, status_code=503)
+    await response(scope, receive, send)
 
 
 _LIST = select(*_SUMMARY_COLUMNS, Message.id).order_by(Message.id.desc())

@@ -224,6 +224,8 @@ def run(
                              ] = 1_000_000,
     rounds: Annotated[int, typer.Option(help="Ingest rounds on one server (memory growth)")
                       ] = 2,
+    ingest: Annotated[bool, typer.Option(help="Run the ingest part (--no-ingest: lookups only)")
+                      ] = True,
     out: Annotated[Path, typer.Option(help="Where to write the JSON results")
                    ] = HERE / "results" / "latest.json",
 ) -> None:
@@ -238,7 +240,7 @@ def run(
             db = Database(backend, workdir)
             res: dict[str, Any] = {}
             try:
-                worker_counts = [1, 2] if backend == "postgresql" else [1]
+                worker_counts = ([1, 2] if backend == "postgresql" else [1]) if ingest else []
                 for workers in worker_counts:
                     console.print(f"[bold]{backend}[/bold]: ingest, {workers} worker(s)")
                     server = Server(db.url, free_port(), workers)
