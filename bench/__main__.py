@@ -31,6 +31,7 @@ from sqlalchemy import text
 
 from app.config import load_settings
 from app.db import make_engine
+from app.migrate import upgrade
 from bench.seed import seed
 
 HERE = Path(__file__).resolve().parent
@@ -141,6 +142,7 @@ class Database:
             self.url = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.name}"
         self.engine = make_engine(load_settings(database_url=self.url, _env_file=None),
                                   pool_size=1)
+        upgrade(self.engine)
 
     def exactness(self, prefix: str) -> dict[str, int]:
         with self.engine.connect() as conn:
