@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import ColumnElement, Connection, Engine, Integer, bindparam, func, select
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.types import Receive, Scope, Send
@@ -78,9 +83,8 @@ _LOOKUP = (
 )
 
 
-def load_message(conn: Connection, msg_id: str) -> MessageOut:
-    """A message with its timeline, in one round trip; 404 HTTPException when unknown."""
-    rows = conn.execute(_LOOKUP, {"key": msg_key(msg_id)}).all()
+def message_from_rows(rows: Sequence[Sequence[Any]], msg_id: str) -> MessageOut:
+    """Build the answer from the rows of _LOOKUP; 404 HTTPException when there are none."""
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no message with msg_id {msg_id!r}")
     n = len(_SUMMARY_COLUMNS)
@@ -94,21 +98,36 @@ def load_message(conn: Connection, msg_id: str) -> MessageOut:
     )
 
 
+def load_message(conn: Connection, msg_id: str) -> MessageOut:
+    """A message with its timeline, in one round trip (also used by `dlr status`)."""
+    return message_from_rows(conn.execute(_LOOKUP, {"key": msg_key(msg_id)}).all(), msg_id)
+
+
+@lru_cache(maxsize=1)
+def _lookup_sql_postgresql() -> str:
+    return str(_LOOKUP.compile(dialect=psycopg_dialect()))
+
+
+async def fetch_message(state: Any, msg_id: str) -> MessageOut:
+    """The lookup without blocking the event loop on PostgreSQL (an async connection from
+    its own small pool); on SQLite, a local read on the loop is cheaper than any hand-off."""
+    pool: AsyncConnectionPool | None = state.read_pool
+    if pool is None:
+        with state.reader.connect() as conn:
+            return load_message(conn, msg_id)
+    async with pool.connection() as conn:
+        cursor = await conn.execute(_lookup_sql_postgresql(), {"key": msg_key(msg_id)})
+        return message_from_rows(await cursor.fetchall(), msg_id)
+
+
 @router.get("/messages/{msg_id}", response_model=MessageOut,
             responses={404: {"description": "unknown msg_id"}})
-async def get_message(msg_id: str, engine: EngineDep) -> Response:
+async def get_message(msg_id: str, request: Request) -> Response:
     """A message's current status and full timeline (msg_id of UUID form in any letter case).
 
     The documented route; requests normally arrive through `message_asgi` below instead.
     """
-    return message_response(engine, msg_id)
-
-
-def message_response(engine: Engine, msg_id: str) -> Response:
-    # Answered on the event loop: it is one indexed query, and a hop to a worker thread
-    # (and back, for every database call) costs several times the query itself.
-    with engine.connect() as conn:
-        message = load_message(conn, msg_id)
+    message = await fetch_message(request.app.state, msg_id)
     return Response(message.model_dump_json(), media_type="application/json")
 
 
@@ -129,12 +148,12 @@ async def message_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     response: Response
     try:
         check_api_access(request)
-        response = message_response(request.app.state.reader,
-                                    scope["path"][len(MESSAGE_PREFIX):])
+        message = await fetch_message(request.app.state, scope["path"][len(MESSAGE_PREFIX):])
+        response = Response(message.model_dump_json(), media_type="application/json")
     except HTTPException as exc:
         response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                                 headers=exc.headers)
-    except SQLAlchemyError:
+    except (SQLAlchemyError, psycopg.Error, PoolTimeout):
         response = JSONResponse({"detail": "database unavailable"}, status_code=503)
     await response(scope, receive, send)
 

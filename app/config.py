@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         return url
 
     @property
+    def libpq_url(self) -> str:
+        """The PostgreSQL URL as libpq takes it (for the async read pool)."""
+        return "postgresql://" + self.sqlalchemy_url.split("://", 1)[1]
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

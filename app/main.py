@@ -8,12 +8,14 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psycopg
 from anyio import to_thread
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
@@ -67,6 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reader = engine if settings.is_sqlite else make_engine(
             settings, pool_size=READ_THREADS, reader=True)
         app.state.reader = reader
+        app.state.read_pool = None if settings.is_sqlite else AsyncConnectionPool(
+            settings.libpq_url, min_size=1, max_size=READ_THREADS, open=False,
+            timeout=settings.db_timeout,
+            kwargs={"autocommit": True, "options": "-c TimeZone=UTC"})
+        if app.state.read_pool is not None:
+            await app.state.read_pool.open(wait=False)
         app.state.ingestor = ingestor
         try:
             app.state.sender = Sender.from_settings(settings, engine)
@@ -88,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await ingestor.close()
             engine.dispose()
             reader.dispose()
+            if app.state.read_pool is not None:
+                await app.state.read_pool.close()
 
     app = ReceiverApp(
         title="DLR receiver",
@@ -139,8 +149,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             check_api_access(request)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.exception_handler(psycopg.Error)
+    @app.exception_handler(PoolTimeout)
     @app.exception_handler(SQLAlchemyError)
-    async def database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+    async def database_error(_request: Request, exc: Exception) -> JSONResponse:
         log.warning("database error: %s", str(exc).splitlines()[0])
         return JSONResponse({"detail": "database unavailable"}, status_code=503)
 
