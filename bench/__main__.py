@@ -270,8 +270,37 @@ def run(
             results["backends"][backend] = res
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
     report(results)
-    console.print(f"results: {out}")
+    console.print(f"results: {out} (and {out.with_suffix('.md').name}, the README's table)")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the README's table."""
+    lines = ["| backend | run | /healthz req/s | req/s | ratio | p50 / p99 ms | non-200 | exact "
+             "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for backend, res in results["backends"].items():
+        for key, rounds in res.items():
+            if not key.startswith("ingest_"):
+                continue
+            for i, r in enumerate(rounds, 1):
+                exact = (f"yes ({r['stored']:,} stored of {r['distinct_sent']:,} distinct sent, "
+                         f"{r['resends_sent']:,} resends)" if r["exact"] else f"NO {r['checks']}")
+                lines.append(
+                    f"| {backend} | callback mix, {key.removeprefix('ingest_')[:-1]} worker(s), "
+                    f"round {i} | {r['baseline_rps']:,} | {r['ingest_rps']:,} | "
+                    f"**{r['ratio']:.2f}** | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+                    f"{r['non_200']} | {exact} | {r['memory']['peak_mb']} |")
+        if "lookups" in res:
+            lk = res["lookups"]
+            for name, label in (("by_id", "GET /api/v1/messages/{msg_id}"),
+                                ("by_ptid_page", "a 50-row page of ?p_transaction_id=")):
+                r = lk[name]
+                lines.append(
+                    f"| {backend} | {label}, 1M messages / 3M events | {lk['baseline_rps']:,} | "
+                    f"{r['rps']:,} | **{r['ratio']:.2f}** | {r['p50_ms']:.1f} / "
+                    f"{r['p99_ms']:.1f} | {r['non_200']} | – | {lk['memory']['peak_mb']} |")
+    return "\n".join(lines) + "\n"
 
 
 def report(results: dict[str, Any]) -> None:
