@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import ColumnElement, Connection, Engine, Integer, bindparam, func, select
@@ -151,8 +152,7 @@ async def message_asgi(scope: Scope, receive: Receive, send: Send) -> None:
         message = await fetch_message(request.app.state, scope["path"][len(MESSAGE_PREFIX):])
         response = Response(message.model_dump_json(), media_type="application/json")
     except HTTPException as exc:
-        response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
-                                headers=exc.headers)
+        response = await http_exception_handler(request, exc)
     except (SQLAlchemyError, psycopg.Error, PoolTimeout):
         response = JSONResponse({"detail": "database unavailable"}, status_code=503)
     await response(scope, receive, send)

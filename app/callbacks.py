@@ -14,6 +14,7 @@ import logging
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
@@ -171,9 +172,8 @@ async def asgi(scope: Scope, receive_: Receive, send: Send) -> None:
 async def handle(request: Request, token: str | None) -> Response:
     try:
         return await _handle(request, token)
-    except HTTPException as exc:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
-                            headers=exc.headers)
+    except HTTPException as exc:  # FastAPI's own rendering: same JSON as every other route
+        return await http_exception_handler(request, exc)
 
 
 async def _handle(request: Request, token: str | None) -> Response:

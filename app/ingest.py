@@ -150,14 +150,14 @@ def _bulk_insert(conn: Connection, table: str, columns: tuple[tuple[str, str], .
 
 
 @lru_cache(maxsize=4)
-def _time_binder(dialect_name: str, dialect: Any) -> Callable[[Any], Any]:
+def _time_binder(dialect: Any) -> Callable[[Any], Any]:
     """How the dialect stores UTCDateTime (SQLite keeps text), taken from the column type."""
     return UTCDateTime().bind_processor(dialect) or (lambda v: v)  # type: ignore[return-value]
 
 
 def upsert_messages(conn: Connection, deltas: Iterable[MessageDelta]) -> None:
     """Merge deltas into message rows; a lower status never overwrites a higher one."""
-    t = _time_binder(conn.dialect.name, conn.dialect)
+    t = _time_binder(conn.dialect)
     # Sorted keys make concurrent writers (several workers) lock rows in the same order.
     rows = [
         (d.msg_key, d.msg_id, d.p_transaction_id, d.phone, d.sender, d.kind, d.send_id,
@@ -200,7 +200,7 @@ def store(conn: Connection, items: Sequence[Item]) -> list[Outcome]:
     if not first:
         return outcomes
 
-    t = _time_binder(conn.dialect.name, conn.dialect)
+    t = _time_binder(conn.dialect)
     rows = [
         (n.dedupe_key, n.msg_key, n.type, n.status.value if n.status else None,
          n.status_extended, n.unknown_status_extended, n.text, n.text_raw,
