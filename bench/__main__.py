@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,6 +48,8 @@ class Wrk:
     p99_ms: float
     non_200: int
     requests: int
+    duration_s: float
+    quantiles_us: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,7 +65,46 @@ def wrk(url: str, script: str, seconds: int, connections: int, env: dict[str, st
     return Wrk(rps=data["requests"] / (data["duration_us"] / 1e6),
                p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000,
                non_200=non_200, requests=data["requests"],
+               duration_s=data["duration_us"] / 1e6, quantiles_us=data["quantiles_us"],
                extra={k: v for k, v in data.items() if k in ("distinct_sent", "resends_sent")})
+
+
+def merge(runs: list[Wrk]) -> Wrk:
+    """Several runs as one: summed counts, and percentiles of the pooled latencies (each run's
+    1,000 quantiles weighted by its number of requests)."""
+    points = sorted((q, r.requests / len(r.quantiles_us)) for r in runs for q in r.quantiles_us)
+    total = sum(weight for _, weight in points)
+
+    def percentile(p: float) -> float:
+        seen = 0.0
+        for value, weight in points:
+            seen += weight
+            if seen >= total * p / 100:
+                return value / 1000
+        return points[-1][0] / 1000
+
+    requests = sum(r.requests for r in runs)
+    duration = sum(r.duration_s for r in runs)
+    extra: dict[str, Any] = {}
+    for r in runs:
+        for k, v in r.extra.items():
+            extra[k] = extra.get(k, 0) + v
+    return Wrk(rps=requests / duration, p50_ms=percentile(50), p99_ms=percentile(99),
+               non_200=sum(r.non_200 for r in runs), requests=requests, duration_s=duration,
+               quantiles_us=[], extra=extra)
+
+
+def interleaved(url: str, runs: dict[str, tuple[str, str, Callable[[int], dict[str, str]]]],
+                seconds: int, slices: int, connections: int) -> dict[str, Wrk]:
+    """Measure each named load (path, wrk script, environment per slice) for `seconds` in
+    all, cut into `slices` short runs taken in turn, so that a change in the machine's speed
+    during the round (other tenants, CPU frequency) weighs on each load alike."""
+    done: dict[str, list[Wrk]] = {name: [] for name in runs}
+    for i in range(slices):
+        for name, (path, script, env) in runs.items():
+            done[name].append(wrk(url + path, script, max(1, seconds // slices), connections,
+                                  env(i)))
+    return {name: merge(results) for name, results in done.items()}
 
 
 class Server:
@@ -144,7 +186,7 @@ class Database:
                                   pool_size=1)
         upgrade(self.engine)
 
-    def exactness(self, prefix: str) -> dict[str, int]:
+    def exactness(self, pattern: str) -> dict[str, int]:
         with self.engine.connect() as conn:
             row = conn.execute(text("""
                 SELECT count(*),
@@ -152,7 +194,7 @@ class Database:
                              || '|' || coalesce(status_extended, '') || '|'
                              || coalesce(text, ''))
                 FROM events WHERE msg_key LIKE :p
-            """), {"p": f"{prefix}-%"}).one()
+            """), {"p": f"{pattern}%"}).one()
         return {"stored": int(row[0]), "distinct_stored": int(row[1])}
 
     def drop(self) -> None:
@@ -162,20 +204,24 @@ class Database:
                 admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
-def ingest_round(server: Server, db: Database, seconds: int, connections: int,
+def ingest_round(server: Server, db: Database, seconds: int, slices: int, connections: int,
                  exact_metrics: bool) -> dict[str, Any]:
-    baseline = wrk(f"{server.url}/healthz", "plain.lua", seconds, connections, {})
     prefix = f"b{uuid.uuid4().hex[:6]}"
     new_before = server.metric("dlr_callbacks_total", outcome="new") if exact_metrics else 0
-    mix = wrk(f"{server.url}/dlr", "mix.lua", seconds, connections, {"BENCH_PREFIX": prefix})
+    # Each slice gets its own message ids: wrk's script starts its numbering afresh.
+    runs = interleaved(server.url, {
+        "baseline": ("/healthz", "plain.lua", lambda i: {}),
+        "mix": ("/dlr", "mix.lua", lambda i: {"BENCH_PREFIX": f"{prefix}s{i}"}),
+    }, seconds, slices, connections)
+    baseline, mix = runs["baseline"], runs["mix"]
     time.sleep(0.5)  # the requests wrk abandoned at its deadline finish
-    stored = db.exactness(prefix)
+    stored = db.exactness(f"{prefix}s%-")
     sent = mix.extra["distinct_sent"]
     checks = {
         "no_duplicates": stored["stored"] == stored["distinct_stored"],
-        # Only requests still in flight when wrk stopped (at most one per connection) may
-        # be missing: the provider would re-send those.
-        "none_lost": sent - connections <= stored["stored"] <= sent,
+        # Only requests still in flight when wrk stopped (at most one per connection and
+        # run) may be missing: the provider would re-send those.
+        "none_lost": sent - connections * slices <= stored["stored"] <= sent,
     }
     if exact_metrics:
         acked_new = server.metric("dlr_callbacks_total", outcome="new") - new_before
@@ -190,7 +236,7 @@ def ingest_round(server: Server, db: Database, seconds: int, connections: int,
     }
 
 
-def lookup_round(server: Server, messages: int, seconds: int, connections: int,
+def lookup_round(server: Server, messages: int, seconds: int, slices: int, connections: int,
                  workdir: Path) -> dict[str, Any]:
     import random
 
@@ -202,17 +248,17 @@ def lookup_round(server: Server, messages: int, seconds: int, connections: int,
     by_ptid.write_text("".join(
         f"/api/v1/messages?p_transaction_id=camp-{rng.randint(0, 9999)}&limit=50\n"
         for _ in range(5000)))
-    baseline = wrk(f"{server.url}/healthz", "plain.lua", seconds, connections, {})
-    one = wrk(f"{server.url}/", "plain.lua", seconds, connections, {"BENCH_PATHS": str(by_id)})
-    page = wrk(f"{server.url}/", "plain.lua", seconds, connections,
-               {"BENCH_PATHS": str(by_ptid)})
+    runs = interleaved(server.url, {
+        "baseline": ("/healthz", "plain.lua", lambda i: {}),
+        "by_id": ("/", "plain.lua", lambda i: {"BENCH_PATHS": str(by_id)}),
+        "by_ptid_page": ("/", "plain.lua", lambda i: {"BENCH_PATHS": str(by_ptid)}),
+    }, seconds, slices, connections)
+    baseline = runs["baseline"]
     return {
         "baseline_rps": round(baseline.rps),
-        "by_id": {"rps": round(one.rps), "ratio": round(one.rps / baseline.rps, 2),
-                  "p50_ms": one.p50_ms, "p99_ms": one.p99_ms, "non_200": one.non_200},
-        "by_ptid_page": {"rps": round(page.rps), "ratio": round(page.rps / baseline.rps, 2),
-                         "p50_ms": page.p50_ms, "p99_ms": page.p99_ms,
-                         "non_200": page.non_200},
+        **{name: {"rps": round(r.rps), "ratio": round(r.rps / baseline.rps, 2),
+                  "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "non_200": r.non_200}
+           for name, r in runs.items() if name != "baseline"},
         "memory": server.memory_mb(),
     }
 
@@ -220,7 +266,10 @@ def lookup_round(server: Server, messages: int, seconds: int, connections: int,
 def run(
     backends: Annotated[str, typer.Option(help="Comma-separated: sqlite,postgresql")
                         ] = "sqlite,postgresql",
-    seconds: Annotated[int, typer.Option(help="Length of each wrk run")] = 10,
+    seconds: Annotated[int, typer.Option(help="Time each load is measured for, per round")
+                       ] = 10,
+    slices: Annotated[int, typer.Option(help="Short runs each load's time is cut into, "
+                                             "taken in turn with the baseline's")] = 5,
     connections: Annotated[int, typer.Option()] = 64,
     seed_messages: Annotated[int, typer.Option(help="Messages to seed for lookups (0: skip)")
                              ] = 1_000_000,
@@ -234,7 +283,7 @@ def run(
     """Run the benchmark and print ratios to the same server's /healthz."""
     if shutil.which("wrk") is None:
         raise typer.BadParameter("wrk is not installed (Debian package `wrk`)")
-    results: dict[str, Any] = {"connections": connections, "seconds": seconds,
+    results: dict[str, Any] = {"connections": connections, "seconds": seconds, "slices": slices,
                                "cpus": os.cpu_count(), "backends": {}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -248,7 +297,7 @@ def run(
                     server = Server(db.url, free_port(), workers)
                     try:
                         res[f"ingest_{workers}w"] = [
-                            ingest_round(server, db, seconds, connections,
+                            ingest_round(server, db, seconds, slices, connections,
                                          exact_metrics=workers == 1)
                             for _ in range(rounds if workers == 1 else 1)
                         ]
@@ -261,7 +310,7 @@ def run(
                     res["seed_seconds"] = round(time.monotonic() - started)
                     server = Server(db.url, free_port(), 1)
                     try:
-                        res["lookups"] = lookup_round(server, seed_messages, seconds,
+                        res["lookups"] = lookup_round(server, seed_messages, seconds, slices,
                                                       connections, workdir)
                     finally:
                         server.stop()
@@ -304,8 +353,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def report(results: dict[str, Any]) -> None:
-    table = Table(title=f"{results['connections']} connections, {results['seconds']} s runs, "
-                        f"{results['cpus']} CPUs; ratios to the same server's /healthz")
+    table = Table(title=f"{results['connections']} connections, {results['seconds']} s per "
+                        f"load in {results['slices']} alternating runs, {results['cpus']} CPUs; "
+                        "ratios to the same server's /healthz")
     for col in ("backend", "run", "req/s", "ratio", "p50 ms", "p99 ms", "non-200", "exact",
                 "peak MB"):
         table.add_column(col)

@@ -67,6 +67,14 @@ function request()
   return wrk.format("POST", "/dlr", headers, body)
 end
 
+-- The latency at every 0.1 percentile: the benchmark merges the short runs of one round
+-- into one distribution from these.
+local function quantiles(latency)
+  local q = {}
+  for i = 1, 1000 do q[i] = string.format("%d", latency:percentile(i / 10)) end
+  return table.concat(q, ",")
+end
+
 function done(summary, latency, requests)
   local d, rs = 0, 0
   for _, t in ipairs(threads) do
@@ -75,9 +83,9 @@ function done(summary, latency, requests)
   end
   io.write(string.format(
     'WRK_JSON {"requests": %d, "duration_us": %d, "status_errors": %d, "connect_errors": %d, ' ..
-    '"read_errors": %d, "write_errors": %d, "timeouts": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"read_errors": %d, "write_errors": %d, "timeouts": %d, "p50_us": %d, "p99_us": %d, "quantiles_us": [%s], ' ..
     '"distinct_sent": %d, "resends_sent": %d}\n',
     summary.requests, summary.duration, summary.errors.status, summary.errors.connect,
     summary.errors.read, summary.errors.write, summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99), d, rs))
+    latency:percentile(50), latency:percentile(99), quantiles(latency), d, rs))
 end
