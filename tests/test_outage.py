@@ -7,12 +7,15 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from app.config import Settings
+from app.db import make_engine
+from app.main import create_app
+from app.migrate import upgrade
 
-from .conftest import AppFactory, client_for
+from .conftest import AppFactory, client_for, make_settings, wipe
 from .faults import TcpCutter, sqlite_write_lock
 from .helpers import dlr, events
 
@@ -68,3 +71,30 @@ async def test_database_away_gives_503_and_recovery_needs_no_restart(
         assert {r.status_code for r in resent} == {200}
         assert (await c.get("/readyz")).status_code == 200
     assert events(engine) == 31  # exactly what was acknowledged: nothing more, nothing less
+
+
+async def test_writer_connection_killed_while_idle_costs_no_callback(pg_url: str) -> None:
+    """The writers keep their connections between batches. One that the server ended while
+    idle (a restart, an administrator, a dropped link) is replaced at once: the provider's
+    next callback is stored and answered 200, not refused."""
+    settings = make_settings(database_url=pg_url)
+    engine = make_engine(settings, pool_size=1)
+    upgrade(engine)
+    wipe(engine)
+    app = create_app(settings)
+    try:
+        async with app.router.lifespan_context(app), client_for(app) as c:
+            assert (await dlr(c, type="delivery", msg_id="m1", status="delivered")
+                    ).status_code == 200
+            with engine.connect() as conn:
+                killed = conn.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+            assert killed
+            answers = await asyncio.gather(*[
+                dlr(c, type="delivery", msg_id=f"m{i}", status="delivered") for i in range(2, 12)
+            ])
+            assert {r.status_code for r in answers} == {200}
+        assert events(engine) == 11
+    finally:
+        engine.dispose()
