@@ -236,8 +236,8 @@ def _unavailable(exc: BaseException) -> bool:
 class Writer:
     """One writer's connection, kept from batch to batch.
 
-    Checking a connection out of the pool for every batch cost a ping round trip and more
-    Python than the inserts themselves (about a quarter of the process's time under a burst).
+    Checking a connection out of the pool for every batch cost a ping round trip and about a
+    quarter of the writer threads' time under a burst (profiled).
     After any failure the connection is dropped and the next batch opens a new one.
     """
 
