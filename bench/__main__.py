@@ -260,7 +260,7 @@ def lookup_round(server: Server, messages: int, seconds: int, connections: int,
     }, seconds, connections)
     baseline = runs["baseline"]
     return {
-        "connections": connections,
+        "connections": connections, "messages": messages,
         "baseline_rps": round(baseline.rps), "baseline_p99_ms": baseline.p99_ms,
         **{name: {"rps": round(r.rps), "ratio": round(r.rps / baseline.rps, 2),
                   "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "non_200": r.non_200}
@@ -355,7 +355,8 @@ def markdown(results: dict[str, Any]) -> str:
                                 ("by_ptid_page", "a 50-row page of ?p_transaction_id=")):
                 r = lk[name]
                 lines.append(
-                    f"| {backend} | {label}, 1M messages / 3M events, {lk['connections']} "
+                    f"| {backend} | {label}, {lk['messages']:,} messages / {3 * lk['messages']:,} "
+                    f"events, {lk['connections']} "
                     f"connections | {lk['baseline_rps']:,} ({lk['baseline_p99_ms']:.0f} ms) | "
                     f"{r['rps']:,} | **{r['ratio']:.2f}** | {r['p50_ms']:.1f} / "
                     f"{r['p99_ms']:.1f} | {r['non_200']} | – | {lk['memory']['peak_mb']} |")

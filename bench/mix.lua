@@ -9,6 +9,7 @@ local codes = {"VIBER_USER_NOT_FOUND", "VIBER_EXPIRED", "VIBER_BLOCKED_BY_USER",
 -- "Спасибо, получил" percent-encoded
 local reply_text = "%D0%A1%D0%BF%D0%B0%D1%81%D0%B8%D0%B1%D0%BE%2C+%D0%BF%D0%BE%D0%BB%D1%83%D1%87%D0%B8%D0%BB"
 
+dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "report.lua")
 local threads = {}
 local counter = 0
 
@@ -67,25 +68,11 @@ function request()
   return wrk.format("POST", "/dlr", headers, body)
 end
 
--- The latency at every 0.1 percentile: the benchmark merges the short runs of one round
--- into one distribution from these.
-local function quantiles(latency)
-  local q = {}
-  for i = 1, 1000 do q[i] = string.format("%d", latency:percentile(i / 10)) end
-  return table.concat(q, ",")
-end
-
 function done(summary, latency, requests)
   local d, rs = 0, 0
   for _, t in ipairs(threads) do
     d = d + t:get("distinct")
     rs = rs + t:get("resends")
   end
-  io.write(string.format(
-    'WRK_JSON {"requests": %d, "duration_us": %d, "status_errors": %d, "connect_errors": %d, ' ..
-    '"read_errors": %d, "write_errors": %d, "timeouts": %d, "p50_us": %d, "p99_us": %d, "quantiles_us": [%s], ' ..
-    '"distinct_sent": %d, "resends_sent": %d}\n',
-    summary.requests, summary.duration, summary.errors.status, summary.errors.connect,
-    summary.errors.read, summary.errors.write, summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99), quantiles(latency), d, rs))
+  report(summary, latency, {distinct_sent = d, resends_sent = rs})
 end
