@@ -37,6 +37,9 @@ async def test_filters(client: httpx.AsyncClient, engine: Engine) -> None:
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert await ids(since=future) == []
     assert await ids(until=future) == ["b1", "a2", "a1"]
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).replace(tzinfo=None).isoformat()
+    assert await ids(since=hour_ago, until=future) == ["b1", "a2", "a1"]  # no zone: UTC
+    assert await ids(until=hour_ago, phone="79000000001") == []
     bad = await client.get("/api/v1/messages", params={"status": "lost"})
     assert bad.status_code == 422 and "detail" in bad.json()
 
