@@ -41,6 +41,10 @@ class TcpCutter:
                 client.close()
                 continue
             with self._lock:
+                if self._closed:  # closed while this one connected: nobody would close it
+                    client.close()
+                    server.close()
+                    return
                 self._conns += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -66,15 +70,16 @@ class TcpCutter:
         for s in conns:
             try:
                 s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
+            except OSError:  # the other side went first; the socket must still be closed
                 pass
+            s.close()
 
     def restore(self) -> None:
         self._down = False
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self.cut()
         self._listener.close()
 
