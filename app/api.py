@@ -204,7 +204,7 @@ _LIST_FILTERS: dict[str, ColumnElement[bool]] = {
 }
 
 
-@lru_cache(maxsize=len(_LIST_FILTERS) ** 2 * 2)
+@lru_cache(maxsize=2 ** len(_LIST_FILTERS))  # every subset of the filters
 def _list_statement(filters: tuple[str, ...]) -> Select[Any]:
     """One statement per combination of filters, so each is built and compiled once."""
     return (select(*_SUMMARY_COLUMNS, _M.id)
