@@ -7,32 +7,16 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Annotated, Any
 
-import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Engine,
-    Executable,
-    Integer,
-    Select,
-    bindparam,
-    func,
-    select,
-)
-from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import ColumnElement, Connection, Integer, Select, bindparam, func, select
 from sqlalchemy.orm import Session
-from starlette.types import Receive, Scope, Send
 
-from app.db import utcnow
+from app.db import Database, utcnow
 from app.models import Event, Message, Rejected
 from app.notifications import Status, msg_key
+from app.routing import DirectRoute
 from app.schemas import (
+    ErrorOut,
     EventOut,
     Funnel,
     MessageOut,
@@ -46,18 +30,18 @@ from app.schemas import (
     TimelinePoint,
     invalid,
 )
-from app.security import check_api_access, require_api_access
+from app.security import require_api_access
 
 router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(require_api_access)])
 
 
-async def get_engine(request: Request) -> Engine:
-    return request.app.state.reader  # type: ignore[no-any-return]
+async def get_database(request: Request) -> Database:
+    return request.app.state.database  # type: ignore[no-any-return]
 
 
-# Routes open their session inside their own worker thread and close it there, so a
-# connection is never held while waiting for a thread to tear a dependency down.
-EngineDep = Annotated[Engine, Depends(get_engine)]
+# Routes open their session inside a read thread and close it there (Database.session), so
+# a connection is never held while waiting for a thread to tear a dependency down.
+DatabaseDep = Annotated[Database, Depends(get_database)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="Items per page")]
 # The cursor is the id of the last row seen: pages are keyset ranges below it. Its pattern
 # is in the schema, so any cursor the schema allows is a valid one.
@@ -115,81 +99,25 @@ def load_message(conn: Connection, msg_id: str) -> MessageOut:
     return message_from_rows(conn.execute(_LOOKUP, {"key": msg_key(msg_id)}).all(), msg_id)
 
 
-_POSTGRESQL = psycopg_dialect()
-
-
-@lru_cache(maxsize=256)
-def _postgresql_sql(statement: Executable) -> str:
-    """SQL text of one of this module's prebuilt statements, compiled once: compiling costs
-    more than running an indexed read (a third of a page's time when done per request)."""
-    return str(statement.compile(dialect=_POSTGRESQL))
-
-
-def _all_rows(engine: Engine, statement: Executable, params: dict[str, Any]) -> list[Any]:
-    with engine.connect() as conn:
-        return list(conn.execute(statement, params).all())
-
-
-async def read_rows(state: Any, statement: Executable, params: dict[str, Any], *,
-                    thread: bool = True) -> list[Any]:
-    """Run a prebuilt read without holding up the event loop that answers the callbacks.
-
-    PostgreSQL: on an async psycopg pool in autocommit (a worker thread's hand-off and its
-    fight for the GIL cost more than the query). SQLite: in a worker thread, since rows not
-    in cache can take milliseconds; `thread=False` reads on the loop, for the one-row lookup
-    where a local read is cheaper than any hand-off.
-    """
-    pool: AsyncConnectionPool | None = state.read_pool
-    if pool is None:
-        if thread:
-            return await run_in_threadpool(_all_rows, state.reader, statement, params)
-        return _all_rows(state.reader, statement, params)
-    async with pool.connection() as conn:
-        cursor = await conn.execute(_postgresql_sql(statement), params)
-        return await cursor.fetchall()
-
-
-async def fetch_message(state: Any, msg_id: str) -> MessageOut:
-    """A message with its timeline, in one round trip."""
-    rows = await read_rows(state, _LOOKUP, {"key": msg_key(msg_id)}, thread=False)
+async def fetch_message(database: Database, msg_id: str) -> MessageOut:
+    """A message with its timeline, in one round trip (on the loop: one indexed read)."""
+    rows = await database.read_rows(_LOOKUP, {"key": msg_key(msg_id)}, thread=False)
     return message_from_rows(rows, msg_id)
 
 
-@router.get("/messages/{msg_id}", response_model=MessageOut,
-            responses={404: {"description": "unknown msg_id"}})
-async def get_message(msg_id: str, request: Request) -> Response:
-    """A message's current status and full timeline (msg_id of UUID form in any letter case).
-
-    The documented route; requests normally arrive through `message_asgi` below instead.
-    """
-    message = await fetch_message(request.app.state, msg_id)
+async def get_message(request: Request, msg_id: str) -> Response:
+    """A message's current status and full timeline (msg_id of UUID form in any letter case;
+    an id containing `/` is reached percent-encoded, `a%2Fb`)."""
+    message = await fetch_message(request.app.state.database, msg_id)
     return Response(message.model_dump_json(), media_type="application/json")
 
 
-MESSAGE_PREFIX = "/api/v1/messages/"
-
-
-def is_message_path(scope: Scope) -> bool:
-    path: str = scope["path"]
-    return (scope["method"] == "GET" and path.startswith(MESSAGE_PREFIX)
-            and "/" not in path[len(MESSAGE_PREFIX):] and len(path) > len(MESSAGE_PREFIX))
-
-
-async def message_asgi(scope: Scope, receive: Receive, send: Send) -> None:
-    """The single-message lookup ahead of FastAPI's routing and dependency solving, which
-    cost more than the lookup itself (measured: 0.30 of /healthz through FastAPI). Same
-    access rule, same answers, same JSON errors."""
-    request = Request(scope, receive)
-    response: Response
-    try:
-        check_api_access(request)
-        message = await fetch_message(request.app.state, scope["path"][len(MESSAGE_PREFIX):])
-        response = Response(message.model_dump_json(), media_type="application/json")
-    except HTTPException as exc:
-        response = await http_exception_handler(request, exc)
-    except (SQLAlchemyError, psycopg.Error, PoolTimeout):
-        response = JSONResponse({"detail": "database unavailable"}, status_code=503)
-    await response(scope, receive, send)
+# The hot read: registered like every /api route (access rule included), without FastAPI's
+# per-request dependency solving (app/routing.py).
+router.add_api_route(
+    "/messages/{msg_id:path}", get_message, methods=["GET"], response_model=MessageOut,
+    responses={404: {"description": "unknown msg_id", "model": ErrorOut}},
+    route_class_override=DirectRoute)
 
 
 _M = Message.__table__.c
@@ -232,8 +160,8 @@ async def list_messages(
               "status": status_.value if status_ is not None else None,
               "since": since, "until": until, "after": decode_cursor(cursor)}
     params = {name: value for name, value in values.items() if value is not None}
-    rows = await read_rows(request.app.state, _list_statement(tuple(params)),
-                           params | {"limit": limit + 1})
+    rows = await request.app.state.database.read_rows(_list_statement(tuple(params)),
+                                                      params | {"limit": limit + 1})
     rows, next_cursor = _page(rows, limit, lambda r: r[-1])  # type: ignore[arg-type]
     n = len(_SUMMARY_COLUMNS)
     page = Page[MessageSummary](
@@ -245,11 +173,12 @@ async def list_messages(
 
 
 @router.get("/replies", response_model=Page[ReplyItem])
-def list_replies(
-    engine: EngineDep, since: Since = None, limit: Limit = 100, cursor: Cursor = None
+async def list_replies(
+    database: DatabaseDep, since: Since = None, limit: Limit = 100, cursor: Cursor = None
 ) -> Page[ReplyItem]:
     """Subscribers' replies, newest first, with the message they answer."""
-    with Session(engine) as session:
+
+    def read(session: Session) -> Page[ReplyItem]:
         query = (
             select(Event, Message)
             .join(Message, Message.msg_key == Event.msg_key)
@@ -270,6 +199,8 @@ def list_replies(
         ]
         return Page[ReplyItem](items=items, next_cursor=next_cursor)
 
+    return await database.session(read)
+
 
 def _window(col: Any, since: datetime | None, until: datetime | None
             ) -> list[ColumnElement[bool]]:
@@ -282,8 +213,8 @@ def _window(col: Any, since: datetime | None, until: datetime | None
 
 
 @router.get("/stats", response_model=Stats)
-def stats(engine: EngineDep, since: Since = None, until: Until = None,
-          p_transaction_id: str | None = None) -> Stats:
+async def stats(database: DatabaseDep, since: Since = None, until: Until = None,
+                p_transaction_id: str | None = None) -> Stats:
     """Messages first known in the window (optionally one p_transaction_id): by status, by
     status_extended, and the funnel sent → delivered → seen → replied; events by type."""
     scope = _window(Message.created_at, since, until)
@@ -292,7 +223,8 @@ def stats(engine: EngineDep, since: Since = None, until: Until = None,
     event_scope = _window(Event.received_at, since, until)
     if p_transaction_id is not None:
         event_scope.append(Event.p_transaction_id == p_transaction_id)
-    with Session(engine) as session:
+
+    def read(session: Session) -> Stats:
         # Grouping on an expression, not the bare column: otherwise SQLite walks the whole
         # (status, id) index to group instead of the time range (1.2 s vs 10 ms at 1M rows).
         status_ = func.coalesce(Message.status, "")
@@ -321,41 +253,61 @@ def stats(engine: EngineDep, since: Since = None, until: Until = None,
             select(func.count()).select_from(Rejected)
             .where(*_window(Rejected.received_at, since, until))
         ) or 0
-    return Stats(
-        since=since, until=until, p_transaction_id=p_transaction_id,
-        total=sum(by_status.values()),
-        by_status={s.value: by_status.get(s.value, 0) for s in Status},
-        by_status_extended=by_ext,
-        funnel=Funnel(sent=sent, delivered=delivered, seen=seen, replied=replied),
-        events_by_type={t: by_type.get(t, 0) for t in ("delivery", "seen", "reply")},
-        rejected=rejected,
-    )
+        return Stats(
+            since=since, until=until, p_transaction_id=p_transaction_id,
+            total=sum(by_status.values()),
+            by_status={s.value: by_status.get(s.value, 0) for s in Status},
+            by_status_extended=by_ext,
+            funnel=Funnel(sent=sent, delivered=delivered, seen=seen, replied=replied),
+            events_by_type={t: by_type.get(t, 0) for t in ("delivery", "seen", "reply")},
+            rejected=rejected,
+        )
+
+    return await database.session(read)
+
+
+def _as_utc(value: datetime, name: str) -> datetime:
+    """A time without a zone is UTC, as on the other routes; one that cannot be expressed
+    in UTC (year 1 with a positive offset) is a 422, not a 500."""
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise invalid(("query", name), "out of range once converted to UTC") from None
+
+
+def _bucket_of(col: Any, dialect: str, bucket_seconds: int) -> ColumnElement[Any]:
+    """The bucket number of a time, as a whole number on both backends: a true division
+    would make every second its own bucket (SQLAlchemy 2's `/` is true division)."""
+    if dialect == "postgresql":
+        return func.floor(func.extract("epoch", col) / bucket_seconds)
+    return func.cast(func.strftime("%s", col), Integer) // bucket_seconds
 
 
 @router.get("/timeline", response_model=Timeline)
-def timeline(
-    engine: EngineDep,
+async def timeline(
+    database: DatabaseDep,
     since: Annotated[datetime, Query(description="ISO 8601; at most 2 days before until")],
     until: Until = None,
     bucket_seconds: Annotated[int, Query(ge=10, le=86400)] = 60,
 ) -> Timeline:
     """Notifications received per time bucket, by type (the dashboard's activity chart)."""
-    end = until or utcnow()
-    if end - since > timedelta(days=2):
+    start = _as_utc(since, "since")
+    end = _as_utc(until, "until") if until is not None else utcnow()
+    if end - start > timedelta(days=2):
         raise invalid(("query", "since"), "the window is limited to 2 days")
-    with Session(engine) as session:
-        if session.get_bind().dialect.name == "postgresql":
-            epoch: Any = func.floor(func.extract("epoch", Event.received_at) / bucket_seconds)
-        else:
-            epoch = func.cast(func.strftime("%s", Event.received_at), Integer) / bucket_seconds
-        rows = session.execute(
-            select(epoch.label("b"), Event.type, func.count())
-            .where(Event.received_at >= since, Event.received_at < end)
+
+    def read(session: Session) -> list[Any]:
+        bucket = _bucket_of(Event.received_at, session.get_bind().dialect.name, bucket_seconds)
+        return list(session.execute(
+            select(bucket.label("b"), Event.type, func.count())
+            .where(Event.received_at >= start, Event.received_at < end)
             .group_by("b", Event.type)
-        ).all()
+        ).all())
+
+    rows = await database.session(read)
     points: dict[int, dict[str, int]] = {}
-    for bucket, type_, n in rows:
-        points.setdefault(int(bucket), {})[type_] = n
+    for b, type_, n in rows:
+        points.setdefault(int(b), {})[type_] = n
     return Timeline(bucket_seconds=bucket_seconds, points=[
         TimelinePoint(t=datetime.fromtimestamp(b * bucket_seconds, UTC),
                       delivery=c.get("delivery", 0), seen=c.get("seen", 0),
@@ -369,10 +321,11 @@ def _decoded(data: bytes) -> str:
 
 
 @router.get("/rejected", response_model=Page[RejectedItem])
-def list_rejected(engine: EngineDep, limit: Limit = 100, cursor: Cursor = None
-                  ) -> Page[RejectedItem]:
+async def list_rejected(database: DatabaseDep, limit: Limit = 100, cursor: Cursor = None
+                        ) -> Page[RejectedItem]:
     """Callbacks kept as invalid, newest first, with the reason and the content as received."""
-    with Session(engine) as session:
+
+    def read(session: Session) -> Page[RejectedItem]:
         query = select(Rejected).order_by(Rejected.id.desc()).limit(limit + 1)
         after = decode_cursor(cursor)
         if after is not None:
@@ -385,3 +338,5 @@ def list_rejected(engine: EngineDep, limit: Limit = 100, cursor: Cursor = None
             for r in rows  # type: ignore[attr-defined]
         ]
         return Page[RejectedItem](items=items, next_cursor=next_cursor)
+
+    return await database.session(read)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, HTTPException, Request, status
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.types import Receive, Scope, Send
 
 from app import metrics
 from app.config import Settings
 from app.db import utcnow
 from app.ingest import Ingestor, Item, StoreUnavailable
+from app.logs import redact_query
 from app.notifications import Invalid, Rejection, interpret
+from app.routing import DirectRoute
 from app.security import check_callback, client_ip
 
 log = logging.getLogger(__name__)
@@ -136,47 +137,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(chunks)
 
 
+def _is_form(content_type: str | None) -> bool:
+    ctype, _ = parse_options_header(content_type or "")
+    return not (ctype == b"application/json" or ctype.endswith(b"+json")
+                or ctype == b"multipart/form-data")
+
+
+def _masked(data: bytes, settings: Settings, *, form: bool) -> bytes:
+    """`data` without the callback token: every `token=` value of a form or query, and the
+    configured token itself wherever else it appears (JSON, multipart)."""
+    if form:
+        data = redact_query(data)
+    if settings.callback_token is not None:
+        data = data.replace(settings.callback_token.get_secret_value().encode(), b"***")
+    return data
+
+
 async def receive(request: Request, token: str | None = None) -> Response:
-    """The documented route; requests normally arrive through `asgi` below instead."""
-    return await handle(request, token)
+    """Receive a delivery, seen or reply notification (or an SMS delivery report).
 
-
-def is_callback_path(path: str) -> bool:
-    return path == "/dlr" or path.startswith("/dlr/")
-
-
-async def asgi(scope: Scope, receive_: Receive, send: Send) -> None:
-    """The receiver as a bare ASGI app, ahead of FastAPI's routing and middleware.
-
-    A campaign's burst is almost all callbacks; FastAPI's per-request machinery (router
-    scan, middleware stack, dependency solving) cost more than the work itself, so the
-    application hands /dlr paths straight here (see ReceiverApp in main.py).
+    Answered `OK` once committed (new, duplicate, or invalid and archived).
     """
-    path: str = scope["path"]
-    token = path[len("/dlr/"):] if path.startswith("/dlr/") else None
-    response: Response
-    if token is not None and (not token or "/" in token):
-        response = JSONResponse({"detail": "Not Found"}, status_code=404)
-    elif scope["method"] not in ("GET", "POST"):
-        response = JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
-                                headers={"Allow": "GET, POST"})
-    else:
-        try:
-            response = await handle(Request(scope, receive_), token)
-        except Exception:  # never a stack trace to the provider; a 500 makes it re-send
-            log.exception("callback failed")
-            response = JSONResponse({"detail": "internal error"}, status_code=500)
-    await response(scope, receive_, send)
-
-
-async def handle(request: Request, token: str | None) -> Response:
-    try:
-        return await _handle(request, token)
-    except HTTPException as exc:  # FastAPI's own rendering: same JSON as every other route
-        return await http_exception_handler(request, exc)
-
-
-async def _handle(request: Request, token: str | None) -> Response:
     settings: Settings = request.app.state.settings
     ingestor: Ingestor = request.app.state.ingestor
     check_callback(request, settings, token)
@@ -213,8 +194,9 @@ async def _handle(request: Request, token: str | None) -> Response:
             reason=str(exc),
             method=request.method,
             content_type=content_type,
-            query=query,
-            body=body,
+            # The archive is read by every API user: the callback token must not be in it.
+            query=_masked(query, settings, form=True),
+            body=_masked(body, settings, form=_is_form(content_type)),
             source_ip=str(addr) if addr else None,
             received_at=received_at,
         )
@@ -227,17 +209,26 @@ async def _handle(request: Request, token: str | None) -> Response:
         log.warning("not stored, answered 503: %s", exc,
                     extra={"msg_id": getattr(item, "msg_id", None)})
         metrics.CALLBACKS.labels(type=kind, outcome="unavailable").inc()
-        return JSONResponse(
-            {"detail": "database unavailable; not stored, send again"},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "5"},
-        )
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "database unavailable; not stored, send again",
+                            headers={"Retry-After": "5"}) from None
     metrics.CALLBACKS.labels(type=kind, outcome=outcome).inc()
     return PlainTextResponse("OK")
 
 
-_DOC = "Receive a delivery, seen or reply notification (or an SMS delivery report)."
+_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "committed: new, duplicate, or invalid and archived",
+          "content": {"text/plain": {"example": "OK"}}},
+    403: {"description": "wrong or missing token, or a source outside the allow-list"},
+    408: {"description": "the body did not arrive within DLR_CALLBACK_READ_TIMEOUT"},
+    413: {"description": "body over DLR_MAX_CALLBACK_BYTES"},
+    503: {"description": "the database cannot commit; not stored, send again"},
+}
+# Hot routes: registered like any other (middleware, exception handlers, OpenAPI), without
+# FastAPI's per-request dependency solving (see app/routing.py).
 for _path, _suffix in (("/dlr", ""), ("/dlr/{token}", "_with_token")):
     for _method in ("GET", "POST"):
-        router.add_api_route(_path, receive, methods=[_method], summary=_DOC,
-                             operation_id=f"dlr_{_method.lower()}{_suffix}")
+        router.add_api_route(_path, receive, methods=[_method],
+                             operation_id=f"dlr_{_method.lower()}{_suffix}",
+                             response_class=PlainTextResponse, responses=_ANSWERS,
+                             route_class_override=DirectRoute)

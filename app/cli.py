@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import sys
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from fastapi import HTTPException
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -32,13 +36,29 @@ class CliError(Exception):
     """A failure to report as one line."""
 
 
+class LogLevel(StrEnum):
+    """uvicorn's levels; a choice, so a typo is a usage error and not a traceback."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 def one_line_errors(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (CliError, SettingsError) as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         except SQLAlchemyError as exc:
             err.print(f"[red]error:[/red] database: {str(exc).splitlines()[0]}", highlight=False)
         raise typer.Exit(2)
@@ -48,6 +68,55 @@ def one_line_errors(fn: F) -> F:
 
 def settings() -> Settings:
     return load_settings()
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        out.print(f"dlr {package_version('dlr-receiver')}", highlight=False)
+        raise typer.Exit()
+
+
+@cli.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Delivery-report receiver for the provider's Viber/SMS bulk API."""
+
+
+def require_database(cfg: Settings) -> None:
+    """Stop unless the SQLite file exists and holds the schema.
+
+    SQLite creates a missing file on first connect, so a command run from the wrong
+    directory would otherwise read (or record sends into) a new, empty `./dlr.db`.
+    PostgreSQL URLs are used as given: connecting never creates a database there.
+    """
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    if not cfg.is_sqlite:
+        return
+    name = make_url(cfg.sqlalchemy_url).database
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return
+    path = Path(name).resolve()
+    hint = ("run `dlr migrate` (or `dlr serve`) to create it, or set DLR_DATABASE_URL to "
+            "the database you mean")
+    if not path.is_file():
+        raise CliError(f"no database at {path} (DLR_DATABASE_URL={cfg.database_url}); {hint}")
+    # Read-only, so even this check cannot create or change anything.
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=cfg.db_timeout)
+    try:
+        migrated = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'alembic_version'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise CliError(f"{path} is not a usable SQLite database ({exc}); {hint}") from None
+    finally:
+        conn.close()
+    if migrated is None:
+        raise CliError(f"the database at {path} has no schema; {hint}")
 
 
 def migrate_database(cfg: Settings) -> None:
@@ -75,17 +144,15 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="uvicorn log level")] = LogLevel.info,
     access_log: Annotated[bool, typer.Option(help="Log every request")] = True,
-    log_format: Annotated[str, typer.Option(help="text or json (one object a line)")] = "text",
+    log_format: Annotated[LogFormat, typer.Option(help="text or json (one object a line)")
+                          ] = LogFormat.text,
 ) -> None:
     """Migrate the database, then serve the receiver and the API."""
     import uvicorn
 
     from app.logs import log_config
-
-    if log_format not in ("text", "json"):
-        raise CliError("--log-format must be text or json")
 
     cfg = settings()
     migrate_database(cfg)
@@ -95,8 +162,8 @@ def serve(
         host=host,
         port=port,
         workers=workers,
-        log_level=log_level,
-        log_config=log_config(log_format, log_level),
+        log_level=log_level.value,
+        log_config=log_config(log_format.value, log_level.value),
         access_log=access_log,
         # X-Forwarded-For is judged by DLR_TRUSTED_PROXIES alone, never by uvicorn's default
         # of trusting loopback, so a local proxy cannot be used to forge an allowed address.
@@ -116,7 +183,9 @@ def status(msg_id: Annotated[str, typer.Argument(help="The provider's msg_id")])
     from app.api import load_message
     from app.db import make_engine
 
-    engine = make_engine(settings(), pool_size=1)
+    cfg = settings()
+    require_database(cfg)
+    engine = make_engine(cfg, pool_size=1)
     try:
         with engine.connect() as conn:
             try:
@@ -146,32 +215,75 @@ def _request(fields: dict[str, Any], where: str) -> SendRequest:
     try:
         return SendRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "message"
-        raise CliError(f"{where}{loc}: {first['msg'].removeprefix('Value error, ')}") from None
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'message'}: "
+                    f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+        raise CliError(where + "; ".join(problems)) from None
+
 
 
 CSV_FIELDS = ("phone", "txt", "from", "image_id", "button_text", "button_link", "sending_method",
               "p_transaction_id", "dlr_timeout", "expiry_txt", "charset")
 
 
+DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tabs"}
+
+
+def _csv_delimiter(header: str) -> str:
+    """Excel writes ';' in many locales (or tabs); column names hold no separator, so the
+    header line alone tells which one the file uses."""
+    try:
+        return csv.Sniffer().sniff(header, delimiters="".join(DELIMITER_NAMES)).delimiter
+    except csv.Error:
+        return ","  # one column: nothing to tell
+
+
 def _csv_requests(path: Path, defaults: dict[str, Any], campaign: str) -> list[SendRequest]:
-    """Every row as a one-phone request, all checked before anything is sent."""
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "phone" not in reader.fieldnames:
-            raise CliError(f"{path}: the first line must name the columns, with at least 'phone'")
-        unknown = set(reader.fieldnames) - set(CSV_FIELDS)
+    """Every row as a one-phone request, all checked before anything is sent; every bad row
+    is reported (with its line number), not just the first."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text (byte {exc.start}); save it as CSV UTF-8"
+                       ) from None
+    delimiter = _csv_delimiter(text.partition("\n")[0])
+    separated = f"separated by {DELIMITER_NAMES[delimiter]}"
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        names = [n.strip().lower() for n in reader.fieldnames or []]
+        reader.fieldnames = names
+        if "phone" not in names:
+            raise CliError(f"{path}: line 1 must name the columns ({separated}: "
+                           f"{', '.join(map(repr, names)) or 'nothing'}) with at least 'phone'")
+        unknown = [n for n in names if n not in CSV_FIELDS]
         if unknown:
-            raise CliError(f"{path}: unknown column {sorted(unknown)[0]!r}; "
-                           f"known: {', '.join(CSV_FIELDS)}")
-        requests = []
-        for row_no, row in enumerate(reader, start=2):
+            raise CliError(f"{path}: line 1: unknown column {', '.join(map(repr, unknown))} "
+                           f"({separated}); known: {', '.join(CSV_FIELDS)}")
+        requests, problems = [], []
+        for row_no, row in enumerate(reader, start=1):
+            where = f"{path}:{reader.line_num}: "
+            if None in row:
+                problems.append(f"{where}{len(names) + len(row[None])} fields ({separated}), "
+                                f"line 1 names {len(names)}")
+                continue
             fields = defaults | {k: v for k, v in row.items() if v not in (None, "")}
-            fields["phone"] = [fields["phone"]]
+            if "phone" in fields:
+                fields["phone"] = [fields["phone"]]
             # A stable id per row is what makes a re-run skip rows already accepted.
-            fields.setdefault("p_transaction_id", f"{campaign}-{row_no - 1}")
-            requests.append(_request(fields, f"{path}:{row_no}: "))
+            fields.setdefault("p_transaction_id", f"{campaign}-{row_no}")
+            try:
+                requests.append(_request(fields, where))
+            except CliError as exc:
+                problems.append(str(exc))
+    except csv.Error as exc:
+        raise CliError(f"{path}:{reader.line_num}: {exc}") from None
+    if problems:
+        for problem in problems:
+            err.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
+        raise CliError(f"{path}: {len(problems)} bad of {len(problems) + len(requests)} "
+                       "rows; nothing was sent")
+    if not requests:
+        raise CliError(f"{path}: no rows after line 1")
     return requests
 
 
@@ -217,8 +329,12 @@ def send(
             raise CliError("give --phone (repeatable) or --csv FILE")
         requests = [_request(fields | {"phone": phone}, "")]
     else:
-        if phone or p_transaction_id:
-            raise CliError("--phone and --p-transaction-id do not go with --csv")
+        # Name only what was given: each row has its own phone and p_transaction_id.
+        clashing = [name for name, value in (("--phone", phone),
+                                             ("--p-transaction-id", p_transaction_id)) if value]
+        if clashing:
+            raise CliError(f"{' and '.join(clashing)} cannot be combined with --csv "
+                           "(each row gives its own)")
         defaults = {k: v for k, v in fields.items() if v is not None}
         requests = _csv_requests(csv_file, defaults, campaign or csv_file.stem)
     if rate <= 0:
@@ -228,6 +344,8 @@ def send(
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
+    # Sends are recorded: never into a database created here by accident (wrong directory).
+    require_database(cfg)
     migrate_database(cfg)
     engine = make_engine(cfg, pool_size=1)
     try:
@@ -276,8 +394,12 @@ def _send_csv(client: Any, engine: Any, requests: list[SendRequest], rate: float
     counts = {"accepted": 0, "refused": 0, "unknown": 0, "failed": 0}
     interval = 1.0 / rate
     next_at = time.monotonic()
+    if requests and not todo:
+        err.print(f"all {len(requests)} rows already sent", highlight=False)
     with Progress(console=err, transient=False) as progress:
-        task = progress.add_task("sending", total=len(todo))
+        # Skipped rows count as done, so a resumed run starts where the last one stopped.
+        task = progress.add_task("sending", total=len(requests),
+                                 completed=len(requests) - len(todo))
         for req in todo:
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -360,25 +482,58 @@ def simulate(
 def purge(
     older_than: Annotated[str, typer.Option(help="Age to keep, e.g. 90d, 12h, 30m")],
     batch: Annotated[int, typer.Option(min=1, help="Rows per transaction")] = 5000,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only count what would be deleted, per table")] = False,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help="Delete without asking (needed when not run from a terminal)")
+    ] = False,
 ) -> None:
     """Delete events, messages, rejected callbacks and send records older than an age."""
+    from datetime import timedelta
+
     from app.db import make_engine, utcnow
-    from app.retention import parse_age
+    from app.retention import count_older, parse_age
     from app.retention import purge as purge_rows
 
     try:
-        cutoff = utcnow() - parse_age(older_than)
+        age = parse_age(older_than)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    engine = make_engine(settings(), pool_size=1)
+    if age == timedelta(0) and not (yes or dry_run):
+        raise CliError(f"--older-than {older_than} deletes everything; add --yes if you mean it")
+    cutoff = utcnow() - age
+    cfg = settings()
+    require_database(cfg)
+    engine = make_engine(cfg, pool_size=1)
     try:
+        counts = count_older(engine, before=cutoff)
+        listed = ", ".join(f"{n:,} {t}" for t, n in counts.items())
+        if dry_run:
+            out.print(f"would delete before {cutoff.isoformat()}: {listed}", soft_wrap=True)
+            return
+        if not any(counts.values()):
+            out.print(f"nothing older than {cutoff.isoformat()}", soft_wrap=True)
+            return
+        if not yes:
+            if not _interactive():
+                raise CliError(f"would delete {listed} (before {cutoff.isoformat()}); "
+                               "add --yes to delete, or --dry-run to only count")
+            if not typer.confirm(f"delete {listed} (before {cutoff.isoformat()})?",
+                                 err=True):
+                err.print("nothing deleted")
+                raise typer.Exit(1)
         with err.status("purging") as status:
             deleted = purge_rows(engine, before=cutoff, batch=batch,
                                  progress=lambda t, n: status.update(f"{t}: {n:,} deleted"))
     finally:
         engine.dispose()
     out.print(f"deleted before {cutoff.isoformat()}: "
-              + ", ".join(f"{n:,} {t}" for t, n in deleted.items()))
+              + ", ".join(f"{n:,} {t}" for t, n in deleted.items()), soft_wrap=True)
+
+
+def _interactive() -> bool:
+    """Whether a person can answer a prompt (cron and scripts cannot: they need --yes)."""
+    return sys.stdin.isatty()
 
 
 def main() -> None:
@@ -386,4 +541,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,7 +12,14 @@ import os
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -49,14 +56,25 @@ class Settings(BaseSettings):
 
     # Beyond the contract: knobs an operator may need, all with safe defaults.
     db_timeout: float = Field(default=5.0, gt=0, le=300)
+    # A body sent to /api/* (a send, an image upload) must arrive within this many seconds.
+    api_read_timeout: float = Field(default=60.0, gt=0, le=3600)
     batch_max_size: int = Field(default=500, ge=1, le=5000)
     send_max_retries: int = Field(default=3, ge=0, le=10)
     send_backoff: float = Field(default=1.0, ge=0, le=60)
     send_timeout: float = Field(default=30.0, gt=0, le=600)
-    upload_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    upload_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)  # the public docs: 10 MB
     upload_sign_uppercase: bool = False
     restrict_metrics: bool = False
     restrict_docs: bool = False
+
+    # Forwarding (outbound webhooks). The secret comes before the URL so that the URL's
+    # validator can insist on it.
+    forward_secret: SecretStr | None = None
+    forward_url: str | None = None
+    forward_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000])
+    forward_timeout: float = Field(default=10.0, gt=0, le=300)
+    forward_concurrency: int = Field(default=8, ge=1, le=256)
 
     @field_validator("callback_allowed_ips", "trusted_proxies", mode="before")
     @classmethod
@@ -92,6 +110,41 @@ class Settings(BaseSettings):
         scheme = value.split(":", 1)[0].split("+", 1)[0]
         if scheme not in {"sqlite", "postgresql", "postgres"}:
             raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("forward_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        from app.forwarding.signing import secret_key
+
+        if value is not None:
+            secret_key(value.get_secret_value())  # raises ValueError with the reason
+        return value
+
+    @field_validator("forward_url")
+    @classmethod
+    def _forward_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from app.forwarding.urls import check_url
+
+        if value is None:
+            return None
+        if info.data.get("forward_secret") is None:
+            raise ValueError("needs DLR_FORWARD_SECRET (a whsec_ secret) beside it")
+        return check_url(value)
+
+    @field_validator("forward_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list) and not value:
+            raise ValueError("is set but empty; give the retry delays in seconds, e.g. 5,300")
+        return value
+
+    @field_validator("forward_retry_schedule")
+    @classmethod
+    def _schedule_range(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= v <= 7 * 86400 for v in value):
+            raise ValueError("each delay must be between 0 and 604800 seconds")
         return value
 
     @model_validator(mode="before")
@@ -135,6 +188,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            # A name from .env arrives whole (`dlr_foo`), not as a field name: report it as
+            # written, in the same words as an unknown environment variable.
+            raise SettingsError(f"unknown setting {loc.upper()}") from None
         name = f"{ENV_PREFIX}{loc}".upper() if loc else "settings"
         msg = err["msg"].removeprefix("Value error, ")
         if msg.startswith("unknown setting"):

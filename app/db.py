@@ -1,17 +1,25 @@
-"""Engine, metadata conventions and the column types shared by the tables.
+"""Engine, metadata conventions, the column types shared by the tables, and `Database`, the
+one owner of an application's connections.
 
-The engine is built by `make_engine(settings)` inside the application's lifespan, never at
-import time, so tests and tools can point it anywhere.
+Engines are built inside the application's lifespan (or by a command), never at import
+time, so tests and tools can point them anywhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+import psycopg
+from anyio import CapacityLimiter, to_thread
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy import DateTime, Engine, Executable, MetaData, create_engine, event, text
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.types import TypeDecorator
 
 from app.config import Settings
@@ -85,3 +93,122 @@ def make_engine(settings: Settings, *, pool_size: int = 8, reader: bool = False)
         pool_timeout=settings.db_timeout,
         connect_args={"connect_timeout": max(1, int(settings.db_timeout))},
     )
+
+
+# --- the process's one owner of database connections ----------------------------------------
+
+T = TypeVar("T")
+# Reads on worker threads (SQLite pages, the dashboard's aggregates) get their own limiter,
+# not anyio's process-wide one: nothing else (a provider call, another app in the same
+# process) can then take their threads, and they cannot take anyone else's.
+READ_THREADS = 8
+# Failures after which a read is tried once more on a fresh connection: a pooled connection
+# that the server ended while idle (restart, administrator) fails on first use.
+_STALE = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class Database:
+    """Owns the engines, pools and read helpers of one application instance.
+
+    - `engine`: the writers' engine (each writer keeps one connection of it, see
+      app/ingest.py), migrations and the send records.
+    - reads: on PostgreSQL an async psycopg pool in autocommit (a worker thread's hand-off
+      costs more than an indexed read) plus an autocommit engine for ORM aggregates; on SQLite
+      the same engine, read in worker threads under `read_limiter`.
+    The lifespan only calls `open()` and `close()`.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.is_sqlite = settings.is_sqlite
+        self.engine = make_engine(settings, pool_size=READ_THREADS)
+        self.reader = self.engine if self.is_sqlite else make_engine(
+            settings, pool_size=READ_THREADS, reader=True)
+        self.read_pool: AsyncConnectionPool | None = None if self.is_sqlite else (
+            AsyncConnectionPool(
+                settings.libpq_url, min_size=1, max_size=READ_THREADS, open=False,
+                timeout=settings.db_timeout,
+                kwargs={"autocommit": True, "options": "-c TimeZone=UTC"}))
+        self.read_limiter = CapacityLimiter(READ_THREADS)
+
+    async def open(self) -> None:
+        if self.read_pool is not None:
+            await self.read_pool.open(wait=False)
+
+    async def close(self) -> None:
+        self.engine.dispose()
+        if self.reader is not self.engine:
+            self.reader.dispose()
+        if self.read_pool is not None:
+            await self.read_pool.close()
+
+    async def in_thread(self, fn: Callable[[], T]) -> T:
+        """Run a blocking read in one of the read threads."""
+        return await to_thread.run_sync(fn, limiter=self.read_limiter)
+
+    async def session(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn` with an ORM session on the read engine, in a read thread."""
+        def run() -> T:
+            for attempt in (1, 2):
+                try:
+                    with Session(self.reader) as session:
+                        return fn(session)
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+            raise AssertionError("unreachable")
+
+        return await self.in_thread(run)
+
+    def _rows(self, statement: Executable, params: dict[str, Any]) -> list[Any]:
+        for attempt in (1, 2):
+            try:
+                with self.reader.connect() as conn:
+                    return list(conn.execute(statement, params).all())
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def read_rows(self, statement: Executable, params: dict[str, Any], *,
+                        thread: bool = True) -> list[Any]:
+        """Run a prebuilt read without holding up the event loop that answers the callbacks.
+
+        PostgreSQL: on the async pool, the statement compiled once. SQLite: in a read thread,
+        since rows not in cache can take milliseconds; `thread=False` reads on the loop, for
+        the one-row lookup where a local read is cheaper than any hand-off. A connection that
+        turns out dead is replaced and the read repeated once, as the writers do.
+        """
+        if self.read_pool is None:
+            if thread:
+                return await self.in_thread(lambda: self._rows(statement, params))
+            return self._rows(statement, params)
+        sql = postgresql_sql(statement)
+        for attempt in (1, 2):
+            try:
+                async with self.read_pool.connection() as conn:
+                    cursor = await conn.execute(sql, params)
+                    return await cursor.fetchall()
+            except _STALE:
+                if attempt == 2:
+                    raise
+                await self.read_pool.check()  # drop every idle connection the restart killed
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> None:
+        """Raise unless the database answers (for /readyz)."""
+        if self.read_pool is not None:
+            await self.read_rows(_PING, {})
+            return
+        await self.in_thread(lambda: self._rows(_PING, {}))
+
+
+_PING = text("SELECT 1")
+_POSTGRESQL = psycopg_dialect()
+
+
+@lru_cache(maxsize=256)
+def postgresql_sql(statement: Executable) -> str:
+    """SQL text of a prebuilt statement, compiled once: compiling costs more than running an
+    indexed read (a third of a page's time when done per request)."""
+    return str(statement.compile(dialect=_POSTGRESQL))

@@ -5,8 +5,11 @@ writes it in one transaction (group commit: one fsync for many callbacks) and on
 answers each waiting request. If the commit fails, every request in the batch
 learns it and answers 503, so nothing is acknowledged that is not stored.
 
-Message status is folded with `supersedes()`, in SQL for what is already stored, so the
-result is the same whatever order the notifications arrive in.
+Message rows are merged by one generated upsert (`MESSAGE_UPSERT`): each column's rule comes
+from its `Merge` in app/models.py, and the precedence of statuses from `RANK` in
+app/notifications.py. The SQL is the only place the rule is applied, so the result is the
+same whatever order the notifications arrive in, and the database reports each status
+change (for forwarding) without a second read.
 """
 
 from __future__ import annotations
@@ -15,99 +18,143 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Column, Connection, Engine, Table
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import metrics
 from app.db import UTCDateTime
-from app.models import Rejected
-from app.notifications import FINAL_RANK, RANK, Notification, Rejection, Status, supersedes
+from app.models import Event, Merge, Message, Rejected, Send
+from app.notifications import FINAL_RANK, RANK, Notification, Rejection, Status, msg_key
+from app.schemas import MessageSummary
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["new", "duplicate", "rejected"]
-Item = Notification | Rejection
+
+
+@dataclass(slots=True)
+class SendRecord:
+    """What one request to the provider gave: its `sends` row and the msg_ids it returned."""
+
+    p_transaction_id: str
+    kind: str
+    sending_method: str
+    sender: str | None
+    phones: list[str]
+    outcome: str
+    code: int | None
+    tech_message: str | None
+    attempts: int
+    created_at: datetime
+    msg_ids: dict[str, str] = field(default_factory=dict)  # phone -> msg_id
+    send_id: int | None = None  # set once written
+
+
+Item = Notification | Rejection | SendRecord
 
 
 class StoreUnavailable(RuntimeError):
     """The database could not commit; the caller must not acknowledge."""
 
 
-@dataclass(slots=True)
-class MessageDelta:
-    """What one unit of work knows about a message, merged into its row by upsert."""
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A forwarded event's source: a status change or a new reply, as committed."""
 
+    type: Literal["message.status", "message.reply"]
+    message: dict[str, Any]  # MessageSummary as the API shows it, plus previous_status, sequence
     msg_key: str
-    msg_id: str
-    updated_at: datetime
-    status: Status = Status.ACCEPTED
-    status_extended: str | None = None
-    p_transaction_id: str | None = None
-    phone: str | None = None
-    sender: str | None = None
-    kind: str | None = None
-    send_id: int | None = None
-    sent_at: datetime | None = None
-    delivered_at: datetime | None = None
-    seen_at: datetime | None = None
-
-    def apply(self, n: Notification) -> None:
-        """Fold a newer notification into this delta, with the same rule as the SQL merge."""
-        self.updated_at = n.received_at
-        self.p_transaction_id = self.p_transaction_id or n.p_transaction_id
-        new = n.message_status
-        if new is None:
-            return
-        if new in (Status.DELIVERED, Status.SEEN) and self.delivered_at is None:
-            self.delivered_at = n.received_at  # seen implies delivered
-        if new is Status.SEEN and self.seen_at is None:
-            self.seen_at = n.received_at
-        if supersedes(RANK[new], RANK[self.status]):
-            self.status = new
-            self.status_extended = n.status_extended
+    p_transaction_id: str | None
+    sequence: int
+    occurred_at: datetime
+    reply: dict[str, Any] | None = None
 
 
-# The hot path speaks SQL directly: SQLAlchemy Core would compile and type-process every
-# batch, which costs more than the database work itself. Both databases get the same
-# INSERT ... ON CONFLICT; only how the rows travel differs (see _insert_sql).
-# (column, PostgreSQL type) in the order the row tuples are built.
-EVENT_COLUMNS = (("dedupe_key", "text"), ("msg_key", "text"), ("type", "text"),
-                 ("status", "text"), ("status_extended", "text"),
-                 ("unknown_status_extended", "boolean"), ("text", "text"),
-                 ("text_raw", "bytea"), ("p_transaction_id", "text"),
-                 ("received_at", "timestamptz"))
-MESSAGE_COLUMNS = (("msg_key", "text"), ("msg_id", "text"), ("p_transaction_id", "text"),
-                   ("phone", "text"), ("sender", "text"), ("kind", "text"),
-                   ("send_id", "bigint"), ("status", "text"), ("status_rank", "integer"),
-                   ("status_extended", "text"), ("sent_at", "timestamptz"),
-                   ("delivered_at", "timestamptz"), ("seen_at", "timestamptz"),
-                   ("created_at", "timestamptz"), ("updated_at", "timestamptz"))
-_WINS = (f"(excluded.status_rank > messages.status_rank OR (excluded.status_rank = "
-         f"messages.status_rank AND excluded.status_rank = {FINAL_RANK}))")
-MESSAGE_MERGE = ", ".join([
-    # A lower status never overwrites a higher one; between equal final ones the later wins.
-    *(f"{c} = CASE WHEN {_WINS} THEN excluded.{c} ELSE messages.{c} END"
-      for c in ("status", "status_rank", "status_extended")),
-    # What the send record knows wins; what came first is kept for the first-time stamps.
-    *(f"{c} = COALESCE(excluded.{c}, messages.{c})"
-      for c in ("phone", "sender", "kind", "send_id", "sent_at")),
-    *(f"{c} = COALESCE(messages.{c}, excluded.{c})"
-      for c in ("p_transaction_id", "delivered_at", "seen_at")),
-    "updated_at = excluded.updated_at",
-])
+class Forwarding(Protocol):
+    """The outbox the write path fills in the same transaction (app/forwarding)."""
+
+    def active(self, conn: Connection) -> bool: ...
+
+    def enqueue(self, conn: Connection, changes: Sequence[Change]) -> int: ...
+
+
+# --- SQL generated from the models ----------------------------------------------------------
+
+_PG_TYPES = {"BIGINT": "bigint", "INTEGER": "integer", "BOOLEAN": "boolean",
+             "BYTEA": "bytea", "TIMESTAMP WITH TIME ZONE": "timestamptz"}
+
+
+def _pg_type(column: Column[Any]) -> str:
+    from sqlalchemy.dialects import postgresql
+
+    compiled = column.type.compile(dialect=postgresql.dialect())
+    return _PG_TYPES.get(compiled, "text")
+
+
+def _columns(table: Table) -> tuple[tuple[str, str], ...]:
+    """(name, PostgreSQL type) of every column the write path fills: all but the row id."""
+    return tuple((c.name, _pg_type(c)) for c in table.columns if not c.primary_key)
+
+
+EVENT_COLUMNS = _columns(Event.__table__)  # type: ignore[arg-type]
+MESSAGE_COLUMNS = _columns(Message.__table__)  # type: ignore[arg-type]
+_MESSAGE_NAMES = tuple(name for name, _ in MESSAGE_COLUMNS)
+_EVENT_NAMES = tuple(name for name, _ in EVENT_COLUMNS)
+
+
+def _rank_sql() -> tuple[str, str]:
+    """`wins` and `changed` conditions, from RANK: a lower status never overwrites a higher
+    one; between two final ones (equal rank) the later-received wins."""
+    wins = (f"(excluded.status_rank > messages.status_rank OR (excluded.status_rank = "
+            f"messages.status_rank AND excluded.status_rank = {FINAL_RANK}))")
+    return wins, f"({wins} AND excluded.status <> messages.status)"
+
+
+def _merge_sql() -> str:
+    wins, changed = _rank_sql()
+    templates: dict[Merge, str | None] = {
+        Merge.KEY: None,
+        Merge.KEEP: None,
+        Merge.FIRST: "COALESCE(messages.{c}, excluded.{c})",
+        Merge.SEND: "COALESCE(excluded.{c}, messages.{c})",
+        Merge.RANKED: f"CASE WHEN {wins} THEN excluded.{{c}} ELSE messages.{{c}} END",
+        Merge.ON_CHANGE: f"CASE WHEN {changed} THEN excluded.{{c}} ELSE messages.{{c}} END",
+        Merge.PREVIOUS: f"CASE WHEN {changed} THEN messages.status ELSE messages.{{c}} END",
+        # A row that sets a status counts a change; any other (a reply: 1, a send: 0) adds
+        # what it carries.
+        Merge.SEQUENCE: (f"messages.{{c}} + CASE WHEN excluded.status_event IS NULL "
+                         f"THEN excluded.{{c}} WHEN {changed} THEN 1 ELSE 0 END"),
+        Merge.LATEST: "excluded.{c}",
+    }
+    sets = []
+    for column in Message.__table__.columns:
+        if column.primary_key:
+            continue
+        rule = column.info.get("merge")
+        if not isinstance(rule, Merge):
+            raise TypeError(f"messages.{column.name} has no Merge rule in its info")
+        template = templates[rule]
+        if template is not None:
+            sets.append(f"{column.name} = {template.format(c=column.name)}")
+    return ", ".join(sets)
+
+
+MESSAGE_UPSERT = f"ON CONFLICT (msg_key) DO UPDATE SET {_merge_sql()}"
 
 
 @lru_cache(maxsize=64)
 def _insert_sql(dialect: str, table: str, columns: tuple[tuple[str, str], ...], rows: int,
                 tail: str) -> str:
+    # The hot path speaks SQL directly: SQLAlchemy Core would compile and type-process every
+    # batch, which costs more than the database work itself.
     names = ", ".join(name for name, _ in columns)
     if dialect == "postgresql":
         # The whole batch as one JSON parameter: one statement for any row count, so
@@ -152,43 +199,144 @@ def _bulk_insert(conn: Connection, table: str, columns: tuple[tuple[str, str], .
 @lru_cache(maxsize=4)
 def _time_binder(dialect: Any) -> Callable[[Any], Any]:
     """How the dialect stores UTCDateTime (SQLite keeps text), taken from the column type."""
-    return UTCDateTime().bind_processor(dialect) or (lambda v: v)  # type: ignore[return-value]
+    return UTCDateTime().bind_processor(dialect) or (lambda v: v)
 
 
-def upsert_messages(conn: Connection, deltas: Iterable[MessageDelta]) -> None:
-    """Merge deltas into message rows; a lower status never overwrites a higher one."""
-    t = _time_binder(conn.dialect)
-    # Sorted keys make concurrent writers (several workers) lock rows in the same order.
-    rows = [
-        (d.msg_key, d.msg_id, d.p_transaction_id, d.phone, d.sender, d.kind, d.send_id,
-         d.status.value, RANK[d.status], d.status_extended, t(d.sent_at), t(d.delivered_at),
-         t(d.seen_at), t(d.updated_at), t(d.updated_at))
-        for d in sorted(deltas, key=lambda d: d.msg_key)
-    ]
-    if rows:
-        _bulk_insert(conn, "messages", MESSAGE_COLUMNS, rows,
-                            f"ON CONFLICT (msg_key) DO UPDATE SET {MESSAGE_MERGE}")
+# --- message rows -----------------------------------------------------------------------------
 
-
-def _rejected_row(r: Rejection) -> dict[str, Any]:
+def event_row(n: Notification) -> dict[str, Any]:
+    """The timeline row of a notification (every column of `events` but the id)."""
     return {
-        "reason": r.reason,
-        "method": r.method,
-        "content_type": r.content_type,
-        "query": r.query,
-        "body": r.body,
-        "source_ip": r.source_ip,
-        "received_at": r.received_at,
+        "dedupe_key": n.dedupe_key, "msg_key": n.msg_key, "type": n.type,
+        "status": n.status.value if n.status else None, "status_extended": n.status_extended,
+        "unknown_status_extended": n.unknown_status_extended, "text": n.text,
+        "text_raw": n.text_raw, "p_transaction_id": n.p_transaction_id,
+        "received_at": n.received_at,
     }
 
 
-def store(conn: Connection, items: Sequence[Item]) -> list[Outcome]:
+def notification_row(n: Notification) -> dict[str, Any]:
+    """What one new notification says about its message (merged by MESSAGE_UPSERT)."""
+    status = n.message_status
+    shown = status or Status.ACCEPTED
+    return {
+        "msg_key": n.msg_key, "msg_id": n.msg_id, "p_transaction_id": n.p_transaction_id,
+        "status": shown.value, "status_rank": RANK[shown],
+        "status_extended": n.status_extended if status else None,
+        "status_event": n.dedupe_key if status else None,
+        "event_seq": 1 if n.type == "reply" or status is not None else 0,
+        # seen implies delivered
+        "delivered_at": n.received_at if shown in (Status.DELIVERED, Status.SEEN) else None,
+        "seen_at": n.received_at if shown is Status.SEEN else None,
+        "created_at": n.received_at, "updated_at": n.received_at,
+    }
+
+
+def send_rows(record: SendRecord) -> list[dict[str, Any]]:
+    """One accepted message per msg_id the provider returned."""
+    return [{
+        "msg_key": msg_key(msg_id), "msg_id": msg_id, "p_transaction_id": record.p_transaction_id,
+        "phone": phone, "sender": record.sender, "kind": record.kind, "send_id": record.send_id,
+        "status": Status.ACCEPTED.value, "status_rank": RANK[Status.ACCEPTED], "event_seq": 0,
+        "sent_at": record.created_at, "created_at": record.created_at,
+        "updated_at": record.created_at,
+    } for phone, msg_id in record.msg_ids.items()]
+
+
+def _rounds(rows: list[tuple[dict[str, Any], Notification | None]]
+            ) -> list[list[tuple[dict[str, Any], Notification | None]]]:
+    """Split rows so that no message occurs twice in one statement (PostgreSQL refuses to
+    update a row twice in one command), keeping each message's rows in arrival order."""
+    rounds: list[list[tuple[dict[str, Any], Notification | None]]] = []
+    seen: dict[str, int] = {}
+    for row in rows:
+        n = seen.get(row[0]["msg_key"], 0)
+        seen[row[0]["msg_key"]] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(row)
+    return rounds
+
+
+def _aware(value: Any) -> Any:
+    """A time from RETURNING: SQLite gives text, PostgreSQL an aware datetime."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    return value
+
+
+def _change(row: Any, n: Notification) -> Change | None:
+    """The forwarded event a committed notification caused, read off its returned row."""
+    values = dict(zip(_MESSAGE_NAMES, row, strict=True))
+    if n.type == "reply":
+        kind: Literal["message.status", "message.reply"] = "message.reply"
+    elif values["status_event"] == n.dedupe_key:
+        kind = "message.status"
+    else:
+        return None  # a late lower status, or the same status again: nothing changed
+    for name in ("sent_at", "delivered_at", "seen_at", "created_at", "updated_at"):
+        values[name] = _aware(values[name])
+    message = MessageSummary.model_validate(values).model_dump(mode="json")
+    message["previous_status"] = values["previous_status"] if kind == "message.status" else None
+    message["sequence"] = values["event_seq"]
+    return Change(
+        type=kind, message=message, msg_key=n.msg_key,
+        p_transaction_id=values["p_transaction_id"], sequence=values["event_seq"],
+        occurred_at=n.received_at,
+        reply={"text": n.text or "", "received_at": n.received_at.isoformat()}
+        if kind == "message.reply" else None,
+    )
+
+
+def upsert_messages(conn: Connection, rows: list[tuple[dict[str, Any], Notification | None]],
+                    *, returning: bool) -> list[Change]:
+    """Merge message rows; with `returning`, report the status changes and replies."""
+    t = _time_binder(conn.dialect)
+    changes: list[Change] = []
+    tail = MESSAGE_UPSERT + (f" RETURNING {', '.join(_MESSAGE_NAMES)}" if returning else "")
+    for part in _rounds(rows):
+        # Sorted keys make concurrent writers (replicas) lock rows in the same order.
+        part.sort(key=lambda r: r[0]["msg_key"])
+        values = [tuple(t(v) if isinstance(v, datetime) else v
+                        for v in (values.get(name) for name in _MESSAGE_NAMES))
+                  for values, _ in part]
+        returned = _bulk_insert(conn, "messages", MESSAGE_COLUMNS, values, tail)
+        if returning:
+            by_key = {r[0]: r for r in returned}
+            for row_values, n in part:
+                if n is not None:
+                    change = _change(by_key[row_values["msg_key"]], n)
+                    if change is not None:
+                        changes.append(change)
+    return changes
+
+
+def _rejected_row(r: Rejection) -> dict[str, Any]:
+    return {"reason": r.reason, "method": r.method, "content_type": r.content_type,
+            "query": r.query, "body": r.body, "source_ip": r.source_ip,
+            "received_at": r.received_at}
+
+
+def _store_send(conn: Connection, record: SendRecord) -> None:
+    record.send_id = conn.execute(
+        Send.__table__.insert().returning(Send.__table__.c.id),
+        {"p_transaction_id": record.p_transaction_id, "kind": record.kind,
+         "sending_method": record.sending_method, "sender": record.sender,
+         "phones": ",".join(record.phones), "outcome": record.outcome, "code": record.code,
+         "tech_message": record.tech_message, "attempts": record.attempts,
+         "created_at": record.created_at},
+    ).scalar_one()
+
+
+def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None = None
+          ) -> list[Outcome]:
     """Write one batch inside the caller's transaction; the caller commits."""
     outcomes: list[Outcome] = ["rejected"] * len(items)
     rejected = [_rejected_row(i) for i in items if isinstance(i, Rejection)]
     if rejected:
         conn.execute(Rejected.__table__.insert(), rejected)
 
+    message_rows: list[tuple[dict[str, Any], Notification | None]] = []
     first: dict[str, Notification] = {}  # dedupe_key -> its first copy in this batch
     index: dict[str, int] = {}
     for idx, item in enumerate(items):
@@ -197,32 +345,29 @@ def store(conn: Connection, items: Sequence[Item]) -> list[Outcome]:
             if item.dedupe_key not in first:
                 first[item.dedupe_key] = item
                 index[item.dedupe_key] = idx
-    if not first:
-        return outcomes
+        elif isinstance(item, SendRecord):
+            _store_send(conn, item)
+            outcomes[idx] = "new"
+            message_rows.extend((row, None) for row in send_rows(item))
 
-    t = _time_binder(conn.dialect)
-    rows = [
-        (n.dedupe_key, n.msg_key, n.type, n.status.value if n.status else None,
-         n.status_extended, n.unknown_status_extended, n.text, n.text_raw,
-         n.p_transaction_id, t(n.received_at))
-        for n in first.values()
-    ]
-    inserted = {r[0] for r in _bulk_insert(
-        conn, "events", EVENT_COLUMNS, rows,
-        "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")}
+    if first:
+        t = _time_binder(conn.dialect)
+        rows = [tuple(t(v) if isinstance(v, datetime) else v
+                      for v in (event_row(n)[name] for name in _EVENT_NAMES))
+                for n in first.values()]
+        inserted = {r[0] for r in _bulk_insert(
+            conn, "events", EVENT_COLUMNS, rows,
+            "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")}
+        for key, n in first.items():
+            if key in inserted:  # only new notifications change a message
+                outcomes[index[key]] = "new"
+                message_rows.append((notification_row(n), n))
 
-    deltas: dict[str, MessageDelta] = {}
-    for key, n in first.items():
-        if key not in inserted:
-            continue
-        outcomes[index[key]] = "new"
-        delta = deltas.get(n.msg_key)
-        if delta is None:
-            delta = deltas[n.msg_key] = MessageDelta(
-                msg_key=n.msg_key, msg_id=n.msg_id, updated_at=n.received_at
-            )
-        delta.apply(n)
-    upsert_messages(conn, deltas.values())
+    if message_rows:
+        active = forwarding is not None and forwarding.active(conn)
+        changes = upsert_messages(conn, message_rows, returning=active)
+        if forwarding is not None and changes:
+            forwarding.enqueue(conn, changes)
     return outcomes
 
 
@@ -241,8 +386,9 @@ class Writer:
     After any failure the connection is dropped and the next batch opens a new one.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, forwarding: Forwarding | None = None) -> None:
         self.engine = engine
+        self.forwarding = forwarding
         self._conn: Connection | None = None
 
     def close(self) -> None:
@@ -255,7 +401,7 @@ class Writer:
             self._conn = self.engine.connect()
         try:
             with self._conn.begin():
-                return store(self._conn, items)
+                return store(self._conn, items, self.forwarding)
         except BaseException:
             self.close()
             raise
@@ -276,8 +422,10 @@ class Writer:
         """Commit a batch; on a row-level failure, retry item by item so one bad row spoils
         nothing.
 
-        An item that cannot be stored even alone is archived as rejected with the error; only
-        if that fails too does it get StoreUnavailable (and so a 503, and a resend).
+        A notification that cannot be stored even alone is archived as rejected with the
+        error; only if that fails too does it get StoreUnavailable (and so a 503, and a
+        resend). A send record that cannot be stored gets StoreUnavailable: its caller
+        retries it and logs its msg_ids.
         """
         started = time.perf_counter()
         try:
@@ -286,7 +434,7 @@ class Writer:
             return out
         except SQLAlchemyError as exc:
             metrics.DB_ERRORS.labels(kind=type(exc).__name__).inc()
-            if _unavailable(exc) or len(items) == 1 and isinstance(items[0], Rejection):
+            if _unavailable(exc) or len(items) == 1 and not isinstance(items[0], Notification):
                 raise StoreUnavailable(str(exc).splitlines()[0]) from exc
             if len(items) > 1:
                 log.warning("batch of %d failed (%s); storing one by one", len(items), exc)
@@ -326,11 +474,14 @@ class Ingestor:
     arrival order, while writers for other messages overlap their waits on the database.
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 500, writers: int = 1) -> None:
+    def __init__(self, engine: Engine, *, max_batch: int = 500, writers: int = 1,
+                 forwarding: Forwarding | None = None,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self.on_commit = on_commit
         self._queues: list[asyncio.Queue[_Pending]] = [asyncio.Queue() for _ in range(writers)]
-        self._writers = [Writer(engine) for _ in range(writers)]
+        self._writers = [Writer(engine, forwarding) for _ in range(writers)]
         self._executor = ThreadPoolExecutor(writers, thread_name_prefix="dlr-writer")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -339,7 +490,7 @@ class Ingestor:
                        for i, (q, w) in enumerate(zip(self._queues, self._writers, strict=True))]
 
     def _queue_for(self, item: Item) -> asyncio.Queue[_Pending]:
-        if len(self._queues) == 1 or isinstance(item, Rejection):
+        if len(self._queues) == 1 or not isinstance(item, Notification):
             return self._queues[0]
         return self._queues[hash(item.msg_key) % len(self._queues)]
 
@@ -367,6 +518,7 @@ class Ingestor:
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             metrics.BATCH_SIZE.observe(len(batch))
+            results: Sequence[Outcome | StoreUnavailable]
             try:
                 results = await loop.run_in_executor(
                     self._executor, writer.write, [p.item for p in batch]
@@ -383,3 +535,5 @@ class Ingestor:
                     else:
                         pending.future.set_result(result)
                 queue.task_done()
+            if self.on_commit is not None:
+                self.on_commit()

@@ -1,127 +1,83 @@
-"""Application factory: routers, error handlers, and the lifespan that owns the engine."""
+"""Application factory: one router for every route, the error handlers, and the lifespan
+that starts and stops what the app owns (database, write path, sender)."""
 
 from __future__ import annotations
 
-import gc
 import logging
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import psycopg
-from anyio import to_thread
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from sqlalchemy import text
+from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import Receive, Scope, Send
+from starlette.requests import ClientDisconnect
 
-from app import api, callbacks, dashboard, send_api
+from app import api, callbacks, dashboard, docs, process, send_api
+from app.api_guard import ApiGuard
 from app.config import Settings, get_settings
-from app.db import make_engine
+from app.db import Database
 from app.ingest import Ingestor
-from app.schemas import Health
-from app.security import check_api_access, require_api_access
+from app.schemas import ErrorOut, Health
+from app.security import check_api_access
 from app.sender import NotConfigured, Sender
 
 log = logging.getLogger(__name__)
-READ_THREADS = 8
+# Every body is bounded before it is read (FastAPI's own limit); the image upload is the
+# largest a client may send, the JSON routes set tighter limits of their own.
+MULTIPART_OVERHEAD = 64 * 1024
 
 
-class ReceiverApp(FastAPI):
-    """FastAPI, with the two hot routes (callbacks, and the single-message lookup) handed to
-    their handlers before FastAPI's own routing and middleware."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if callbacks.is_callback_path(scope["path"]):
-                scope["app"] = self
-                await callbacks.asgi(scope, receive, send)
-                return
-            if api.is_message_path(scope):
-                scope["app"] = self
-                await api.message_asgi(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    process.tune()
+    async with AsyncExitStack() as stack:
+        database = Database(settings)
+        await database.open()
+        stack.push_async_callback(database.close)
+        # SQLite has one writer at a time anyway; PostgreSQL gains from overlapping round trips.
+        ingestor = Ingestor(database.engine, max_batch=settings.batch_max_size,
+                            writers=1 if settings.is_sqlite else 2)
+        ingestor.start()
+        # Closed before the database: uvicorn has stopped accepting and waited for requests
+        # in flight; those waiting on a batch are answered before the writers stop.
+        stack.push_async_callback(ingestor.close)
+        try:
+            sender: Sender | None = Sender.from_settings(settings, ingestor)
+        except NotConfigured:
+            sender = None  # receiving works without a partner account
+        if sender is not None:
+            stack.push_async_callback(sender.aclose)
+        app.state.database = database
+        app.state.ingestor = ingestor
+        app.state.sender = sender
+        process.freeze_startup_objects()
+        yield
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The writer threads hand the GIL back and forth with the event loop once per
-        # database call; at the default 5 ms switch interval each hand-off stalls the batch
-        # (measured: about 40% lower ingest rate). 0.5 ms keeps hand-offs short.
-        sys.setswitchinterval(0.0005)
-        # Sync API routes run in anyio's thread pool (40 threads by default); more threads
-        # than database connections only queue on the pool and fight over the GIL.
-        to_thread.current_default_thread_limiter().total_tokens = READ_THREADS
-        engine = make_engine(settings, pool_size=READ_THREADS)
-        # SQLite has one writer at a time anyway; PostgreSQL gains from overlapping round trips.
-        ingestor = Ingestor(engine, max_batch=settings.batch_max_size,
-                            writers=1 if settings.is_sqlite else 2)
-        app.state.engine = engine
-        reader = engine if settings.is_sqlite else make_engine(
-            settings, pool_size=READ_THREADS, reader=True)
-        app.state.reader = reader
-        app.state.read_pool = None if settings.is_sqlite else AsyncConnectionPool(
-            settings.libpq_url, min_size=1, max_size=READ_THREADS, open=False,
-            timeout=settings.db_timeout,
-            kwargs={"autocommit": True, "options": "-c TimeZone=UTC"})
-        if app.state.read_pool is not None:
-            await app.state.read_pool.open(wait=False)
-        app.state.ingestor = ingestor
-        try:
-            app.state.sender = Sender.from_settings(settings, engine)
-        except NotConfigured:
-            app.state.sender = None  # receiving works without a partner account
-        ingestor.start()
-        # Everything built so far lives as long as the process. Freezing it keeps the
-        # collector's full passes from walking it again and again: unfrozen, those passes
-        # stalled every request for ~300 ms now and then (p99 of lookups at 64 connections).
-        gc.collect()
-        gc.freeze()
-        try:
-            yield
-        finally:
-            if app.state.sender is not None:
-                app.state.sender.close()
-            # Uvicorn has stopped accepting and waited for requests in flight; those waiting
-            # on a batch are answered before the writer stops.
-            await ingestor.close()
-            engine.dispose()
-            reader.dispose()
-            if app.state.read_pool is not None:
-                await app.state.read_pool.close()
-
-    app = ReceiverApp(
+    app = FastAPI(
         title="DLR receiver",
         version="0.1.0",
         description="Receives the provider's delivery, seen and reply notifications, keeps "
         "each message's true status, and sends messages through the provider.",
         lifespan=lifespan,
-        **({"docs_url": None, "openapi_url": None} if settings.restrict_docs else {}),
+        docs_url=None,  # app.docs serves them, from local assets
+        openapi_url=None,
+        max_body_size=settings.upload_max_bytes + MULTIPART_OVERHEAD,
     )
     app.state.settings = settings
-    if settings.restrict_docs:
-        guarded = [Depends(require_api_access)]
-
-        @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
-        async def openapi_json() -> JSONResponse:
-            return JSONResponse(app.openapi())
-
-        @app.get("/docs", include_in_schema=False, dependencies=guarded)
-        async def docs() -> Response:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+    app.add_middleware(ApiGuard, read_timeout=settings.api_read_timeout)
+    # The hot routes come first: the router tries routes in order.
     app.include_router(callbacks.router)
     app.include_router(api.router)
     app.include_router(send_api.router)
     app.include_router(dashboard.router)
+    docs.install(app, settings)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:
@@ -129,18 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Health, tags=["operations"],
-             responses={503: {"description": "database unreachable"}})
+             responses={503: {"description": "database unreachable", "model": ErrorOut}})
     async def readyz(request: Request) -> Response:
         """The database answers."""
-        def ping() -> None:
-            with request.app.state.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-
-        try:
-            await run_in_threadpool(ping)
-        except SQLAlchemyError as exc:
-            log.warning("not ready: %s", str(exc).splitlines()[0])
-            return JSONResponse({"detail": "database unreachable"}, status_code=503)
+        await request.app.state.database.ping()
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["operations"], include_in_schema=False)
@@ -153,8 +101,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(SQLAlchemyError)
     async def database_error(_request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database error: %s", str(exc).splitlines()[0])
-        return JSONResponse({"detail": "database unavailable"}, status_code=503)
+        log.warning("database error: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return JSONResponse({"detail": "database unavailable"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _exc: Exception) -> Response:
+        # Anyone can disconnect mid-body; that is no error of ours and must not flood the
+        # error log. Nobody reads this answer.
+        log.info("client disconnected before its request was read: %s %s",
+                 request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, Table, delete, func, select
+from sqlalchemy.orm import InstrumentedAttribute
 
 from app.models import Event, Message, Rejected, Send
 
@@ -25,16 +27,25 @@ def parse_age(value: str) -> timedelta:
 
 # (table, its time column). A message's updated_at is never older than any of its events,
 # so events go first and no message loses events it still shows.
-TARGETS = ((Event, Event.received_at), (Rejected, Rejected.received_at),
-           (Send, Send.created_at), (Message, Message.updated_at))
+TARGETS: tuple[tuple[Table, InstrumentedAttribute[datetime]], ...] = tuple(
+    (cast(Table, model.__table__), column)
+    for model, column in ((Event, Event.received_at), (Rejected, Rejected.received_at),
+                          (Send, Send.created_at), (Message, Message.updated_at)))
+
+
+def count_older(engine: Engine, *, before: datetime) -> dict[str, int]:
+    """How many rows per table `purge` would delete now (what `--dry-run` shows)."""
+    with engine.connect() as conn:
+        return {table.name: conn.scalar(
+                    select(func.count()).select_from(table).where(column < before)) or 0
+                for table, column in TARGETS}
 
 
 def purge(engine: Engine, *, before: datetime, batch: int = 5000,
           progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
     """Delete rows older than `before`; return how many per table."""
     deleted: dict[str, int] = {}
-    for model, column in TARGETS:
-        table = model.__table__
+    for table, column in TARGETS:
         total = 0
         while True:
             ids = select(table.c.id).where(column < before).order_by(table.c.id).limit(batch)

@@ -18,6 +18,10 @@ class Page(BaseModel, Generic[T]):
     )
 
 
+class ErrorOut(BaseModel):
+    detail: str
+
+
 class EventOut(BaseModel):
     type: str
     status: str | None

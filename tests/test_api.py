@@ -8,9 +8,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from sqlalchemy import Engine
 
-from .conftest import AppFactory, client_for
-from .helpers import dlr
-from .test_status import record_send
+from .helpers import AppFactory, client_for, dlr, record_send
 
 
 async def test_unknown_message_is_404_json(client: httpx.AsyncClient) -> None:

@@ -6,13 +6,13 @@ import asyncio
 import json
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, select
 
 from app.models import Event, Rejected
 
-from .conftest import AppFactory, client_for
-from .helpers import UUID_A, dlr, events, rejected
+from .helpers import UUID_A, AppFactory, client_for, dlr, events, rejected
 
 
 async def status_of(client: httpx.AsyncClient, msg_id: str) -> dict:  # type: ignore[type-arg]
@@ -232,3 +232,48 @@ async def test_a_trickling_body_is_cut_off(app_with: AppFactory, engine: Engine)
     assert r.status_code == 408
     assert "not received within" in r.json()["detail"]
     assert events(engine) == rejected(engine) == 0
+
+
+async def test_a_reply_cut_mid_emoji_is_stored(client: httpx.AsyncClient, engine: Engine) -> None:
+    # A Java or JavaScript serialiser cut the reply between the halves of a UTF-16 pair.
+    r = await client.post("/dlr", content=b'{"type":"reply","msg_id":"m1","text":"hi \\ud83d"}',
+                          headers={"content-type": "application/json"})
+    assert (r.status_code, r.text) == (200, "OK")
+    with engine.connect() as conn:
+        text, raw = conn.execute(select(Event.text, Event.text_raw)).one()
+    assert text == "hi \ufffd"
+    assert raw == b"hi \xed\xa0\xbd"  # the lone half, as its generalised UTF-8 bytes
+
+
+async def test_lone_surrogates_in_other_json_fields_are_archived(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    for body in (b'{"type":"seen","msg_id":"a\\udfff"}', b'{"type":"se\\ud800en","msg_id":"b"}',
+                 b'{"type":"delivery","msg_id":"c","status":"\\udbff"}'):
+        r = await client.post("/dlr", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+    assert (events(engine), rejected(engine)) == (0, 3)
+    reasons = [i["reason"] for i in (await client.get("/api/v1/rejected")).json()["items"]]
+    assert any("msg_id" in reason for reason in reasons)
+
+
+async def test_rejected_archive_masks_the_callback_token(
+    app_with: AppFactory, engine: Engine
+) -> None:
+    app = await app_with(callback_token="SECRET-tok")
+    async with client_for(app) as c:
+        answers = [
+            await c.get("/dlr?type=bogus&msg_id=x&token=SECRET-tok"),
+            await c.get("/dlr?type=bogus&msg_id=y&tok%65n=SECRET-tok"),
+            await c.post("/dlr?token=SECRET-tok", content=b"type=bogus&msg_id=z&TOK%45N=SECRET-tok",
+                         headers={"content-type": "application/x-www-form-urlencoded"}),
+        ]
+        assert [r.status_code for r in answers] == [200, 200, 200]
+        items = (await c.get("/api/v1/rejected")).json()["items"]
+    assert rejected(engine) == 3
+    assert "SECRET" not in json.dumps(items)
+    # Everything but the token is kept as it arrived.
+    assert sorted(i["query"] for i in items) == [
+        "token=***", "type=bogus&msg_id=x&token=***", "type=bogus&msg_id=y&tok%65n=***"]
+    assert [i["raw"] for i in items if i["method"] == "POST"] == [
+        "type=bogus&msg_id=z&TOK%45N=***"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.config import SettingsError, load_settings
@@ -65,3 +67,23 @@ def test_secrets_do_not_print(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLR_CALLBACK_TOKEN", "very-secret-token")
     shown = repr(settings())
     assert "very-secret" not in shown
+
+
+def test_unknown_name_in_env_file_is_worded_like_an_unknown_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DLR_DATABASE_URL=sqlite:///x.db\nDLR_CALLBAK_TOKEN=typo\n")
+    with pytest.raises(SettingsError) as from_file:
+        load_settings(_env_file=env_file)
+    monkeypatch.setenv("DLR_CALLBAK_TOKEN", "typo")
+    with pytest.raises(SettingsError) as from_env:
+        settings()
+    assert str(from_file.value) == str(from_env.value) == "unknown setting DLR_CALLBAK_TOKEN"
+
+
+def test_known_names_in_env_file_are_read(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DLR_DATABASE_URL=sqlite:///x.db\nDLR_BATCH_MAX_SIZE=7\n")
+    s = load_settings(_env_file=env_file)
+    assert (s.database_url, s.batch_max_size) == ("sqlite:///x.db", 7)

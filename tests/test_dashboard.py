@@ -96,7 +96,7 @@ def test_dashboard_is_authorised_like_the_api(campaign: Stack) -> None:
     import httpx
 
     from app.main import create_app
-    from tests.conftest import make_settings
+    from tests.helpers import make_settings
 
     from .server import serving_in_thread
 

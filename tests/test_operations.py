@@ -7,7 +7,7 @@ import logging
 
 from app.logs import JsonFormatter, RedactTokens, redact
 
-from .conftest import AppFactory, client_for
+from .helpers import AppFactory, client_for
 
 
 def test_callback_tokens_are_masked_in_logs() -> None:

@@ -15,9 +15,8 @@ from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
 
-from .conftest import AppFactory, client_for, make_settings, wipe
 from .faults import TcpCutter, sqlite_write_lock
-from .helpers import dlr, events
+from .helpers import AppFactory, client_for, dlr, events, make_settings, wipe
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.simulator import ProviderSimulator
 
-from .conftest import make_settings
+from .helpers import make_settings
 from .server import serving_in_thread
 
 

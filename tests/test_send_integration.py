@@ -3,6 +3,7 @@ simulator's DLRs: the whole lifecycle, every answer code, uploads, and CSV campa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
 import struct
@@ -20,14 +21,12 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import Settings
-from app.db import make_engine
 from app.main import create_app
 from app.models import Send
-from app.sender import Sender, SendRequest, SendResult
+from app.sender import SendRequest, SendResult, standalone_sender
 from app.simulator import EmitterSettings, ProviderSimulator
 
-from .conftest import make_settings
-from .helpers import count, events
+from .helpers import count, events, make_settings
 from .server import free_port, serving_in_thread
 
 USER, SECRET = "partner", "s3cret-key"
@@ -159,13 +158,12 @@ def send_one(settings: Settings, **overrides: object) -> SendResult:
     cfg = make_settings(database_url=settings.database_url, bulk_user=USER,
                         bulk_secret_key=SECRET, bulk_from="Shop", send_backoff=0.01,
                         **overrides)
-    eng = make_engine(cfg)
-    sender = Sender.from_settings(cfg, eng)
-    try:
-        return sender.send(SendRequest(phone=["79031234567"], txt="hi"))
-    finally:
-        sender.close()
-        eng.dispose()
+
+    async def send() -> SendResult:
+        async with standalone_sender(cfg) as sender:
+            return await sender.send(SendRequest(phone=["79031234567"], txt="hi"))
+
+    return asyncio.run(send())
 
 
 @pytest.fixture

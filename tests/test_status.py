@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
 
 import httpx
 import pytest
 from sqlalchemy import Engine
 
-from app.ingest import MessageDelta, upsert_messages
-from app.notifications import Status
-
-from .helpers import UUID_A, dlr
+from .helpers import UUID_A, dlr, record_send
 
 DELIVERED = {"type": "delivery", "status": "delivered"}
 UNDELIVERED = {"type": "delivery", "status": "undelivered", "status_extended": "VIBER_EXPIRED"}
@@ -68,15 +64,6 @@ async def test_reply_never_changes_status(client: httpx.AsyncClient) -> None:
     m = await final_status(client, "rp2", REPLY)
     assert m["status"] == "accepted"
     assert [r["text"] for r in m["replies"]] == ["ok"]
-
-
-def record_send(engine: Engine, msg_id: str, phone: str, ptid: str) -> None:
-    """What the send module records for an accepted message (its path to the same upsert)."""
-    now = datetime.now(UTC)
-    with engine.begin() as conn:
-        upsert_messages(conn, [MessageDelta(
-            msg_key=msg_id.lower(), msg_id=msg_id, updated_at=now, status=Status.ACCEPTED,
-            phone=phone, p_transaction_id=ptid, sent_at=now, kind="text")])
 
 
 async def test_dlr_before_the_send_record_meets_it_later(
