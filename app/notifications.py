@@ -56,25 +56,40 @@ STATUS_EXTENDED_MEANING = {
     "OPERATOR_NOT_ALLOWED": "Partner's messaging is prohibited by an operator",
 }
 
-# SMS delivery reports carry a numeric status and no type (provider's public documentation).
-SMS_STATUS = {
+# Reports with a numeric status and no type: the provider's SMS delivery reports, which a Viber
+# message that fell back to SMS gets as well. So the status_extended made from a failure code
+# names no channel: STATUS_-2, never "SMS". 1-4 are interim (2 "absent" and 3 "preparing"
+# come from an older version of the public documentation); 0 and the negatives are final.
+NUMERIC_STATUS = {
     "0": (Status.DELIVERED, None),
-    "1": (Status.IN_PROCESS, None),
-    "4": (Status.IN_PROCESS, None),
-    "-1": (Status.UNDELIVERED, "SMS_-1"),
-    "-2": (Status.UNDELIVERED, "SMS_-2"),
-    "-3": (Status.UNDELIVERED, "SMS_-3"),
-    "-11": (Status.UNDELIVERED, "SMS_-11"),
-    "-12": (Status.UNDELIVERED, "SMS_-12"),
+    "1": (Status.IN_PROCESS, None),  # buffered
+    "2": (Status.IN_PROCESS, None),  # absent: the subscriber is out of reach, still queued
+    "3": (Status.IN_PROCESS, None),  # preparing
+    "4": (Status.IN_PROCESS, None),  # no answer from the operator yet
+    "-1": (Status.UNDELIVERED, "STATUS_-1"),
+    "-2": (Status.UNDELIVERED, "STATUS_-2"),
+    "-3": (Status.UNDELIVERED, "STATUS_-3"),
+    "-11": (Status.UNDELIVERED, "STATUS_-11"),
+    "-12": (Status.UNDELIVERED, "STATUS_-12"),
 }
-SMS_STATUS_EXTENDED_MEANING = {
-    "SMS_-1": "SMS not delivered",
-    "SMS_-2": "SMS expired",
-    "SMS_-3": "SMS rejected",
-    "SMS_-11": "SMS route not found",
-    "SMS_-12": "SMS HTTP request error",
+NUMERIC_STATUS_MEANING = {
+    "-1": "Not delivered (delivery error)",
+    "-2": "Expired (the subscriber was unreachable for 24 hours)",
+    "-3": "Rejected by the operator (wrong number, reception blocked, ...)",
+    "-11": "No route to the subscriber's operator",
+    "-12": "HTTP request error",
 }
-KNOWN_STATUS_EXTENDED = frozenset(STATUS_EXTENDED_MEANING) | frozenset(SMS_STATUS_EXTENDED_MEANING)
+# What earlier versions stored (SMS_-2) stays known and explained, whatever the channel was.
+NUMERIC_STATUS_EXTENDED_MEANING = {
+    f"{prefix}_{code}": meaning
+    for code, meaning in NUMERIC_STATUS_MEANING.items()
+    for prefix in ("STATUS", "SMS")
+}
+# The names this module had before the neutral naming.
+SMS_STATUS = NUMERIC_STATUS
+SMS_STATUS_EXTENDED_MEANING = NUMERIC_STATUS_EXTENDED_MEANING
+KNOWN_STATUS_EXTENDED = frozenset(STATUS_EXTENDED_MEANING) | frozenset(
+    NUMERIC_STATUS_EXTENDED_MEANING)
 
 WORD_STATUS = {
     "delivered": Status.DELIVERED,

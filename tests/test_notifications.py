@@ -6,7 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app.notifications import Invalid, Status, interpret, msg_key
+from app.notifications import (
+    NUMERIC_STATUS_EXTENDED_MEANING,
+    Invalid,
+    Status,
+    interpret,
+    msg_key,
+)
 
 from .helpers import UUID_A
 
@@ -41,12 +47,14 @@ def test_status_words(raw: str, expected: Status) -> None:
     [
         ("0", Status.DELIVERED, None),
         ("1", Status.IN_PROCESS, None),
+        ("2", Status.IN_PROCESS, None),  # absent (older documentation): still queued
+        ("3", Status.IN_PROCESS, None),  # preparing (older documentation)
         ("4", Status.IN_PROCESS, None),
-        ("-1", Status.UNDELIVERED, "SMS_-1"),
-        ("-2", Status.UNDELIVERED, "SMS_-2"),
-        ("-3", Status.UNDELIVERED, "SMS_-3"),
-        ("-11", Status.UNDELIVERED, "SMS_-11"),
-        ("-12", Status.UNDELIVERED, "SMS_-12"),
+        ("-1", Status.UNDELIVERED, "STATUS_-1"),
+        ("-2", Status.UNDELIVERED, "STATUS_-2"),
+        ("-3", Status.UNDELIVERED, "STATUS_-3"),
+        ("-11", Status.UNDELIVERED, "STATUS_-11"),
+        ("-12", Status.UNDELIVERED, "STATUS_-12"),
     ],
 )
 def test_sms_reports_without_type_are_deliveries(
@@ -55,6 +63,29 @@ def test_sms_reports_without_type_are_deliveries(
     n = read(msg_id="sms-1", status=code)
     assert (n.type, n.status, n.status_extended) == ("delivery", status, extended)
     assert not n.unknown_status_extended
+
+
+def test_a_numeric_report_names_no_channel() -> None:
+    # A Viber message that fell back to SMS gets the numeric report too: no "SMS" label.
+    for fields in ({"msg_id": "m", "status": "-2"},
+                   {"type": "delivery", "msg_id": "m", "status": "-2"}):
+        n = read(**fields)
+        assert (n.status, n.status_extended) == (Status.UNDELIVERED, "STATUS_-2")
+    meanings = NUMERIC_STATUS_EXTENDED_MEANING
+    assert all("SMS" not in meanings[f"STATUS_{code}"] for code in ("-1", "-2", "-3", "-11", "-12"))
+
+
+def test_earlier_sms_labels_stay_known_and_explained() -> None:
+    n = read(type="delivery", msg_id="m", status="undelivered", status_extended="SMS_-2")
+    assert not n.unknown_status_extended
+    assert NUMERIC_STATUS_EXTENDED_MEANING["SMS_-2"] == NUMERIC_STATUS_EXTENDED_MEANING["STATUS_-2"]
+
+
+def test_the_dashboard_explains_the_neutral_codes() -> None:
+    from app.dashboard import page
+
+    html = page()
+    assert '"STATUS_-2": "Expired' in html and '"SMS_-2": "Expired' in html
 
 
 def test_known_status_extended_is_not_flagged() -> None:
