@@ -222,7 +222,7 @@ def _request(fields: dict[str, Any], where: str) -> SendRequest:
 
 
 CSV_FIELDS = ("phone", "txt", "from", "image_id", "button_text", "button_link", "sending_method",
-              "p_transaction_id", "dlr_timeout", "expiry_txt", "charset")
+              "p_transaction_id", "dlr_timeout", "expiry_txt", "charset", "delay")
 
 
 DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tabs"}
@@ -303,6 +303,8 @@ def send(
     dlr_timeout: Annotated[int | None, typer.Option(help="Seconds, 60..86400")] = None,
     expiry_txt: Annotated[str | None, typer.Option(help="Text shown after dlr_timeout")] = None,
     charset: Annotated[str | None, typer.Option(help="UTF-8, UTF-16BE, UCS-2 or CP1251")] = None,
+    delay: Annotated[int | None, typer.Option(
+        help="Defer the send by this many minutes, 1..10080 (a week)")] = None,
     csv_file: Annotated[Path | None, typer.Option(
         "--csv", exists=True, dir_okay=False,
         help="Send one message per row (columns: phone, txt, and any option above)")] = None,
@@ -322,7 +324,7 @@ def send(
         "txt": txt, "from": sender, "image_id": image_id, "button_text": button_text,
         "button_link": button_link, "sending_method": "sms" if sms else None,
         "p_transaction_id": p_transaction_id, "dlr_timeout": dlr_timeout,
-        "expiry_txt": expiry_txt, "charset": charset,
+        "expiry_txt": expiry_txt, "charset": charset, "delay": delay,
     }
     if csv_file is None:
         if not phone:

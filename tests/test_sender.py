@@ -97,6 +97,14 @@ def test_message_kinds(fields: dict[str, str], kind: Kind) -> None:
         ({"txt": "hi", "charset": "KOI8-R"}, "charset must be one of"),
         ({"txt": "€ ok", "charset": "CP1251"}, None),
         ({"txt": "日本", "charset": "CP1251"}, "cannot be encoded as CP1251"),
+        ({"txt": "hi", "delay": 0}, "greater than or equal to 1"),
+        ({"txt": "hi", "delay": 10081}, "less than or equal to 10080"),
+        ({"txt": "hi", "delay": 10080}, None),
+        ({"txt": "hi", "delay": 1, "sending_method": "sms"}, None),
+        ({"txt": "hi", "from": "Shop-1"}, "only Latin letters, digits and spaces"),
+        ({"txt": "hi", "from": "Магазин"}, "only Latin letters, digits and spaces"),
+        ({"txt": "hi", "from": "Shop.ru"}, "only Latin letters, digits and spaces"),
+        ({"txt": "hi", "from": "My Shop 24"}, None),
     ],
 )
 def test_limits_are_checked_before_sending(fields: dict[str, object], message: str | None
@@ -113,6 +121,31 @@ def test_from_falls_back_to_the_setting_and_ptid_is_generated() -> None:
     assert req.sender == "Dflt" and req.p_transaction_id and len(req.p_transaction_id) == 32
     with pytest.raises(ValueError, match="from is required"):
         SendRequest(phone=["79031234567"], txt="hi").with_defaults(default_sender=None)
+
+
+def test_a_default_sender_is_held_to_the_same_characters() -> None:
+    with pytest.raises(ValueError, match="only Latin letters"):
+        SendRequest(phone=["79031234567"], txt="hi").with_defaults(default_sender="Магазин")
+
+
+def test_delay_goes_out_unsigned_and_sending_method_always_goes_out() -> None:
+    req = build(txt="hi", delay=90, p_transaction_id="p1")
+    pairs = parse_qsl(req.form_body(user="u", secret_key="k").decode())
+    assert ("delay", "90") in pairs and ("sending_method", "viber") in pairs
+    assert dict(pairs)["sign"] == sign_send(user="u", sender="Shop", phones=["79031234567"],
+                                            txt="hi", secret_key="k")
+    no_delay = parse_qsl(build(txt="hi", sending_method="sms").form_body(
+        user="u", secret_key="k").decode())
+    assert "delay" not in dict(no_delay) and ("sending_method", "sms") in no_delay
+
+
+def test_delay_in_a_json_body_is_minutes() -> None:
+    req = SendRequest.model_validate_json(
+        '{"phone": ["79031234567"], "from": "Shop", "txt": "hi", "delay": 60}')
+    assert req.delay == 60
+    with pytest.raises(ValidationError, match="delay"):
+        SendRequest.model_validate_json(
+            '{"phone": ["79031234567"], "from": "Shop", "txt": "hi", "delay": "soon"}')
 
 
 def test_form_body_repeats_phones_in_order_and_asks_for_dlrs() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The provider's public documentation: "Maximum size: 10 Mb" (provider-api.txt still says 20).
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+
 SIGNATURES = (
     (b"\xff\xd8\xff", "image/jpeg", "jpg"),
     (b"\x89PNG\r\n\x1a\n", "image/png", "png"),

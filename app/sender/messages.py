@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from app.sender.signing import sign_send
 
 PHONE = re.compile(r"^[0-9]{7,15}$")  # international format, digits only, no "+"
+# The sender name the provider's public documentation allows: Latin letters, digits, spaces.
+SENDER = re.compile(r"^[A-Za-z0-9 ]+$")
+SENDER_RULE = "from may contain only Latin letters, digits and spaces"
+MAX_DELAY_MINUTES = 10080  # a week, the documented maximum of `delay`
 
 # The document's charset names, and the codec each means.
 CHARSETS = {
@@ -48,6 +52,8 @@ class SendRequest(BaseModel):
     p_transaction_id: Annotated[str | None, Field(max_length=255, min_length=1)] = None
     dlr: Literal[0, 1] = 1
     dlr_timeout: Annotated[int | None, Field(ge=60, le=86400)] = None
+    delay: Annotated[int | None, Field(ge=1, le=MAX_DELAY_MINUTES, description=(
+        "Defer the send by this many minutes (SMS and Viber)"))] = None
     expiry_txt: Annotated[str | None, Field(max_length=2048)] = None
     charset: str | None = None
 
@@ -60,6 +66,13 @@ class SendRequest(BaseModel):
         if len(set(phones)) != len(phones):
             raise ValueError("a phone appears twice in one request")
         return phones
+
+    @field_validator("sender")
+    @classmethod
+    def _sender_characters(cls, value: str | None) -> str | None:
+        if value is not None and not SENDER.match(value):
+            raise ValueError(SENDER_RULE)
+        return value
 
     @field_validator("charset")
     @classmethod
@@ -114,13 +127,18 @@ class SendRequest(BaseModel):
             raise ValueError("from is required (or set DLR_BULK_FROM)")
         if len(sender) > 11:
             raise ValueError("from must be at most 11 characters")
+        if not SENDER.match(sender):
+            raise ValueError(SENDER_RULE)
         return self.model_copy(update={
             "sender": sender,
             "p_transaction_id": self.p_transaction_id or uuid.uuid4().hex,
         })
 
     def form_body(self, *, user: str, secret_key: str) -> bytes:
-        """The signed application/x-www-form-urlencoded body, phones repeated in order."""
+        """The signed application/x-www-form-urlencoded body, phones repeated in order.
+
+        `sending_method` always goes out: provider-api.txt makes it mandatory, although the
+        provider reads a request without it as SMS."""
         assert self.sender is not None, "call with_defaults() first"
         txt = self.encoded_txt()
         pairs: list[tuple[str, str | bytes]] = [
@@ -137,6 +155,8 @@ class SendRequest(BaseModel):
         pairs.append(("dlr", str(self.dlr)))
         if self.dlr_timeout is not None:
             pairs.append(("dlr_timeout", str(self.dlr_timeout)))
+        if self.delay is not None:
+            pairs.append(("delay", str(self.delay)))
         sign = sign_send(user=user, sender=self.sender, phones=self.phone, txt=txt,
                          secret_key=secret_key)
         pairs.append(("sign", sign))

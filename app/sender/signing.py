@@ -16,8 +16,9 @@ def _b(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8")
 
 
-def sign_send(*, user: str, sender: str, phones: Sequence[str], txt: str | bytes | None,
-              secret_key: str) -> str:
+def sign_send(*, user: str | bytes, sender: str | bytes, phones: Sequence[str | bytes],
+              txt: str | bytes | None, secret_key: str | bytes) -> str:
+    """Bytes are signed as they are (the provider stand-in checks what arrived on the wire)."""
     parts = [_b(user), _b(sender), *(_b(p) for p in phones)]
     if txt is not None:
         parts.append(_b(txt))
