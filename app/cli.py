@@ -442,25 +442,41 @@ def upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
 @one_line_errors
 def simulate(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 9000,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 9000,
     user: Annotated[str, typer.Option(help="Partner login it accepts")] = "demo",
     secret: Annotated[str, typer.Option(help="Secret key it checks signatures with")
                       ] = "demo-secret",
     callback_url: Annotated[str | None, typer.Option(
         help="Where to send DLRs, e.g. http://127.0.0.1:8000/dlr")] = None,
     method: Annotated[str, typer.Option(help="GET or POST")] = "POST",
-    rate: Annotated[float, typer.Option(help="DLRs per second (0: unlimited)")] = 100.0,
-    duplicates: Annotated[float, typer.Option(help="Share of DLRs sent twice")] = 0.1,
-    reorder: Annotated[bool, typer.Option(help="Shuffle each message's DLRs")] = True,
+    rate: Annotated[float, typer.Option(min=0, help="DLRs per second (0: unlimited)")] = 100.0,
+    duplicates: Annotated[float, typer.Option(min=0, max=1, help="Share of DLRs sent twice")
+                          ] = 0.1,
+    reorder: Annotated[bool, typer.Option(
+        help="Shuffle each message's DLRs (--no-reorder: each message's arrive in order)")
+                       ] = True,
+    undelivered_rate: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of messages not delivered")] = 0.1,
+    seen_rate: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of delivered Viber messages seen")] = 0.6,
+    reply_rate: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of delivered Viber messages replied to (1: every one)")
+                          ] = 0.1,
     uppercase_ids: Annotated[bool, typer.Option(help="Send msg_ids upper-cased in DLRs")
                              ] = False,
     dlr_before_answer: Annotated[bool, typer.Option(
         help="Deliver the first DLR before answering the send request")] = False,
+    upload_sign_uppercase: Annotated[bool, typer.Option(
+        help="Accept only upload signatures with the inner md5 in upper case")] = False,
     time_scale: Annotated[float, typer.Option(
-        help="Multiply the provider's resend delays (5/15/30 min) by this")] = 1.0,
+        min=0, help="Multiply the provider's resend delays (5/15/30 min) and `delay` by this")
+                          ] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
 ) -> None:
     """Run the provider simulator: send API on /, upload on /upload/, DLRs to --callback-url."""
+    import errno
+    import socket
+
     import uvicorn
 
     from app.simulator import EmitterSettings, ProviderSimulator
@@ -469,14 +485,33 @@ def simulate(
         raise CliError("--method must be GET or POST")
     sim = ProviderSimulator(
         user=user, secret_key=secret, dlr_before_answer=dlr_before_answer,
+        upload_sign_uppercase=upload_sign_uppercase,
         emitter_settings=EmitterSettings(
             callback_url=callback_url, method=method.upper(),  # type: ignore[arg-type]
             rate=rate, duplicate_rate=duplicates, reorder=reorder,
+            undelivered_rate=undelivered_rate, seen_rate=seen_rate, reply_rate=reply_rate,
             uppercase_ids=uppercase_ids, time_scale=time_scale, seed=seed),
     )
-    err.print(f"provider simulator on http://{host}:{port}/ (user {user!r}); DLRs to "
-              f"{callback_url or 'nowhere (no --callback-url)'}", highlight=False)
-    uvicorn.run(sim.app(), host=host, port=port, log_level="warning")
+    # Bind before saying anything: a busy port is one error line, not a banner and a traceback.
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        reason = ("the port is already in use (another simulator?); choose one with --port"
+                  if getattr(exc, "errno", None) == errno.EADDRINUSE else exc.strerror or exc)
+        raise CliError(f"cannot listen on {host}:{port}: {reason}") from None
+    err.print(f"provider simulator on http://{host}:{sock.getsockname()[1]}/ (user {user!r}); "
+              f"DLRs to {callback_url or 'nowhere (no --callback-url)'}", highlight=False)
+    server = uvicorn.Server(uvicorn.Config(sim.app(), log_level="warning"))
+    with sock:
+        server.run(sockets=[sock])
 
 
 @cli.command()
