@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import sys
@@ -23,7 +24,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from app.sender import SendRequest
+    from rich.progress import Progress, TaskID
+
+    from app.sender import SendRequest, SendResult
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Delivery-report receiver for the provider's Viber/SMS bulk API.")
@@ -220,7 +223,6 @@ def _request(fields: dict[str, Any], where: str) -> SendRequest:
         raise CliError(where + "; ".join(problems)) from None
 
 
-
 CSV_FIELDS = ("phone", "txt", "from", "image_id", "button_text", "button_link", "sending_method",
               "p_transaction_id", "dlr_timeout", "expiry_txt", "charset", "delay")
 
@@ -316,8 +318,6 @@ def send(
         help="CSV: also re-send rows whose earlier outcome is unknown")] = False,
 ) -> None:
     """Send one message, or a whole CSV at a rate limit (a re-run skips accepted rows)."""
-    from app.db import make_engine
-    from app.sender import Sender
 
     cfg = settings()
     fields: dict[str, Any] = {
@@ -349,26 +349,22 @@ def send(
     # Sends are recorded: never into a database created here by accident (wrong directory).
     require_database(cfg)
     migrate_database(cfg)
-    engine = make_engine(cfg, pool_size=1)
-    try:
-        from app.sender import NotConfigured
+    if cfg.bulk_user is None or cfg.bulk_secret_key is None:
+        raise CliError("set DLR_BULK_USER and DLR_BULK_SECRET_KEY to send")
+    if csv_file is None:
+        result = asyncio.run(_send_one(cfg, requests[0]))
+        _report(result)
+        if result.outcome != "accepted":
+            raise typer.Exit(1)
+        return
+    _send_csv(cfg, requests, rate, retry_unknown)
 
-        try:
-            client = Sender.from_settings(cfg, engine)
-        except NotConfigured as exc:
-            raise CliError(str(exc)) from None
-        try:
-            if csv_file is None:
-                result = client.send(requests[0])
-                _report(result)
-                if result.outcome != "accepted":
-                    raise typer.Exit(1)
-                return
-            _send_csv(client, engine, requests, rate, retry_unknown)
-        finally:
-            client.close()
-    finally:
-        engine.dispose()
+
+async def _send_one(cfg: Settings, request: SendRequest) -> SendResult:
+    from app.sender import standalone_sender
+
+    async with standalone_sender(cfg) as client:
+        return await client.send(request)
 
 
 def _report(result: Any) -> None:
@@ -381,34 +377,45 @@ def _report(result: Any) -> None:
                   highlight=False)
 
 
-def _send_csv(client: Any, engine: Any, requests: list[SendRequest], rate: float,
+def _send_csv(cfg: Settings, requests: list[SendRequest], rate: float,
               retry_unknown: bool) -> None:
     from rich.progress import Progress
     from sqlalchemy import select
 
+    from app.db import make_engine
     from app.models import Send
+    from app.sender import standalone_sender
 
     skip_outcomes = ["accepted"] if retry_unknown else ["accepted", "unknown"]
-    with engine.connect() as conn:
-        done = set(conn.scalars(select(Send.p_transaction_id).where(
-            Send.outcome.in_(skip_outcomes))))
+    engine = make_engine(cfg, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            done = set(conn.scalars(select(Send.p_transaction_id).where(
+                Send.outcome.in_(skip_outcomes))))
+    finally:
+        engine.dispose()
     todo = [r for r in requests if r.p_transaction_id not in done]
     counts = {"accepted": 0, "refused": 0, "unknown": 0, "failed": 0}
-    interval = 1.0 / rate
-    next_at = time.monotonic()
     if requests and not todo:
         err.print(f"all {len(requests)} rows already sent", highlight=False)
+
+    async def run(progress: Progress, task: TaskID) -> None:
+        interval = 1.0 / rate
+        next_at = time.monotonic()
+        async with standalone_sender(cfg) as client:
+            for req in todo:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at = max(next_at + interval, time.monotonic())
+                counts[(await client.send(req)).outcome] += 1
+                progress.advance(task)
+
     with Progress(console=err, transient=False) as progress:
         # Skipped rows count as done, so a resumed run starts where the last one stopped.
         task = progress.add_task("sending", total=len(requests),
                                  completed=len(requests) - len(todo))
-        for req in todo:
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            next_at = max(next_at + interval, time.monotonic())
-            counts[client.send(req).outcome] += 1
-            progress.advance(task)
+        asyncio.run(run(progress, task))
     out.print(f"{len(requests)} rows: {len(requests) - len(todo)} skipped (already sent), "
               + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if counts["refused"] or counts["unknown"] or counts["failed"]:
@@ -420,22 +427,20 @@ def _send_csv(client: Any, engine: Any, requests: list[SendRequest], rate: float
 def upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
                                                 help="JPG, PNG or GIF")]) -> None:
     """Upload an image to the provider and print its image_id."""
-    from app.db import make_engine
-    from app.sender import BadImage, MalformedAnswer, NotConfigured, Sender, UploadRefused
+    from app.sender import BadImage, MalformedAnswer, UploadRefused, standalone_sender
 
     cfg = settings()
-    engine = make_engine(cfg, pool_size=1)
+    if cfg.bulk_user is None or cfg.bulk_secret_key is None:
+        raise CliError("set DLR_BULK_USER and DLR_BULK_SECRET_KEY to upload")
+
+    async def run() -> str:
+        async with standalone_sender(cfg) as client:
+            return await client.upload(file.read_bytes(), file.name)
+
     try:
-        client = Sender.from_settings(cfg, engine)
-    except NotConfigured as exc:
-        raise CliError(str(exc)) from None
-    try:
-        out.print(client.upload(file.read_bytes(), file.name))
+        out.print(asyncio.run(run()))
     except (BadImage, UploadRefused, MalformedAnswer) as exc:
         raise CliError(f"{file}: {exc}") from None
-    finally:
-        client.close()
-        engine.dispose()
 
 
 @cli.command()

@@ -328,8 +328,14 @@ def _store_send(conn: Connection, record: SendRecord) -> None:
     ).scalar_one()
 
 
+@dataclass(slots=True)
+class Stored:
+    outcomes: list[Outcome]
+    forwarded: int = 0  # deliveries created for forwarding
+
+
 def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None = None
-          ) -> list[Outcome]:
+          ) -> Stored:
     """Write one batch inside the caller's transaction; the caller commits."""
     outcomes: list[Outcome] = ["rejected"] * len(items)
     rejected = [_rejected_row(i) for i in items if isinstance(i, Rejection)]
@@ -363,12 +369,13 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
                 outcomes[index[key]] = "new"
                 message_rows.append((notification_row(n), n))
 
+    stored = Stored(outcomes)
     if message_rows:
         active = forwarding is not None and forwarding.active(conn)
         changes = upsert_messages(conn, message_rows, returning=active)
         if forwarding is not None and changes:
-            forwarding.enqueue(conn, changes)
-    return outcomes
+            stored.forwarded = forwarding.enqueue(conn, changes)
+    return stored
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -389,6 +396,7 @@ class Writer:
     def __init__(self, engine: Engine, forwarding: Forwarding | None = None) -> None:
         self.engine = engine
         self.forwarding = forwarding
+        self.forwarded = 0  # deliveries created since the Ingestor last looked
         self._conn: Connection | None = None
 
     def close(self) -> None:
@@ -401,7 +409,9 @@ class Writer:
             self._conn = self.engine.connect()
         try:
             with self._conn.begin():
-                return store(self._conn, items, self.forwarding)
+                stored = store(self._conn, items, self.forwarding)
+            self.forwarded += stored.forwarded
+            return stored.outcomes
         except BaseException:
             self.close()
             raise
@@ -477,6 +487,7 @@ class Ingestor:
     def __init__(self, engine: Engine, *, max_batch: int = 500, writers: int = 1,
                  forwarding: Forwarding | None = None,
                  on_commit: Callable[[], None] | None = None) -> None:
+        """`on_commit` is called on the loop after a batch that created deliveries."""
         self.engine = engine
         self.max_batch = max_batch
         self.on_commit = on_commit
@@ -535,5 +546,6 @@ class Ingestor:
                     else:
                         pending.future.set_result(result)
                 queue.task_done()
-            if self.on_commit is not None:
-                self.on_commit()
+            if writer.forwarded and self.on_commit is not None:
+                writer.forwarded = 0
+                self.on_commit()  # new deliveries: the forwarder sends them now

@@ -19,6 +19,9 @@ from app import api, callbacks, dashboard, docs, process, send_api
 from app.api_guard import ApiGuard
 from app.config import Settings, get_settings
 from app.db import Database
+from app.forwarding import api as forwarding_api
+from app.forwarding.dispatcher import Forwarder
+from app.forwarding.events import Outbox
 from app.ingest import Ingestor
 from app.schemas import ErrorOut, Health
 from app.security import check_api_access
@@ -38,9 +41,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         await database.open()
         stack.push_async_callback(database.close)
+        forwarder = Forwarder(database.engine, settings)
+        await forwarder.start()
+        stack.push_async_callback(forwarder.close)
         # SQLite has one writer at a time anyway; PostgreSQL gains from overlapping round trips.
         ingestor = Ingestor(database.engine, max_batch=settings.batch_max_size,
-                            writers=1 if settings.is_sqlite else 2)
+                            writers=1 if settings.is_sqlite else 2,
+                            forwarding=Outbox(), on_commit=forwarder.wake)
         ingestor.start()
         # Closed before the database: uvicorn has stopped accepting and waited for requests
         # in flight; those waiting on a batch are answered before the writers stop.
@@ -52,6 +59,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if sender is not None:
             stack.push_async_callback(sender.aclose)
         app.state.database = database
+        app.state.engine = database.engine
+        app.state.forwarder = forwarder
         app.state.ingestor = ingestor
         app.state.sender = sender
         process.freeze_startup_objects()
@@ -76,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(callbacks.router)
     app.include_router(api.router)
     app.include_router(send_api.router)
+    app.include_router(forwarding_api.router)
     app.include_router(dashboard.router)
     docs.install(app, settings)
 
