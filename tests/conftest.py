@@ -30,9 +30,9 @@ from .pg_server import listening, throwaway_postgres
 PG_ADMIN_URL = os.environ.get("DLR_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-# Tests build settings explicitly; a developer's own DLR_ variables or .env must not leak in.
-for _name in [k for k in os.environ if k.upper().startswith("DLR_")
-              and k.upper() != "DLR_TEST_PG_ADMIN"]:
+# Tests build settings explicitly; a developer's own DLR_ variables or .env must not leak in
+# (DLR_TEST_PG_ADMIN too, now read: the app refuses unknown DLR_ names).
+for _name in [k for k in os.environ if k.upper().startswith("DLR_")]:
     del os.environ[_name]
 
 
