@@ -1,0 +1,141 @@
+"""Scale-out, shown: two `dlr serve` processes on one PostgreSQL database, nothing in front.
+
+The provider's notifications for the same messages reach both replicas in random order, each
+sent one to three times (resends, some with the UUID in the other letter case), concurrently.
+Whatever replica took which copy, every message must end with the status the precedence rule
+gives and exactly one event per distinct notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from app.notifications import STATUS_EXTENDED_MEANING
+
+from .server import running_server
+
+MESSAGES = 60
+CONCURRENCY = 24
+pytestmark = pytest.mark.slow
+
+Note = dict[str, str]
+
+
+def notifications_for(msg_id: str, campaign: str, rng: random.Random) -> list[Note]:
+    """A random set of distinct notifications for one message, as the provider may send."""
+    notes: list[Note] = []
+    if rng.random() < 0.6:
+        notes.append({"type": "delivery", "status": "in process"})
+    outcome = rng.random()
+    if outcome < 0.45:
+        notes.append({"type": "delivery", "status": "delivered"})
+    elif outcome < 0.75:
+        code = rng.choice(sorted(STATUS_EXTENDED_MEANING))
+        notes.append({"type": "delivery", "status": "undelivered", "status_extended": code})
+    if rng.random() < 0.4:
+        notes.append({"type": "seen"})
+    for n in range(rng.choice([0, 0, 1, 2])):
+        notes.append({"type": "reply", "text": f"ответ {n} 👍"})
+    if not notes:
+        notes.append({"type": "seen"})
+    return [{"msg_id": msg_id, "p_transaction_id": campaign, **note} for note in notes]
+
+
+def expected_status(notes: list[Note]) -> tuple[str, str | None]:
+    """The README's rule: seen > delivered = undelivered > in_process > accepted.
+
+    Each message here has at most one of delivered/undelivered, so arrival order between
+    equal ranks (which the two replicas make random) cannot change the answer.
+    """
+    statuses = {n.get("status") for n in notes if n["type"] == "delivery"}
+    final = next((n for n in notes if n.get("status") in ("delivered", "undelivered")), None)
+    if any(n["type"] == "seen" for n in notes):
+        return "seen", None
+    if final is not None:
+        return final["status"], final.get("status_extended")
+    if "in process" in statuses:
+        return "in_process", None
+    return "accepted", None
+
+
+def event_key(event: dict[str, Any]) -> tuple[Any, ...]:
+    return (event["type"], event["status"], event["status_extended"], event["text"])
+
+
+def note_key(note: Note) -> tuple[Any, ...]:
+    status = note.get("status")
+    return (note["type"], "in_process" if status == "in process" else status,
+            note.get("status_extended"), note.get("text"))
+
+
+async def send_all(urls: list[str], copies: list[Note], rng: random.Random) -> Counter[int]:
+    """Send every copy to a replica chosen at random, CONCURRENCY at a time."""
+    gate = asyncio.Semaphore(CONCURRENCY)
+    answers: Counter[int] = Counter()
+
+    async def one(client: httpx.AsyncClient, url: str, note: Note, post: bool) -> None:
+        async with gate:
+            if post:
+                r = await client.post(f"{url}/dlr", data=note)
+            else:
+                r = await client.get(f"{url}/dlr", params=note)
+            answers[r.status_code] += 1
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        await asyncio.gather(*(one(client, rng.choice(urls), note, rng.random() < 0.5)
+                               for note in copies))
+    return answers
+
+
+async def test_two_replicas_on_one_database_agree_on_every_message(pg_url: str) -> None:
+    rng = random.Random(20261127)
+    # The session's database is shared with other tests: this run's rows carry its own campaign.
+    campaign = f"scaleout-{uuid.uuid4().hex[:8]}"
+    expected: dict[str, list[Note]] = {}
+    copies: list[Note] = []
+    for _ in range(MESSAGES):
+        msg_id = str(uuid.UUID(int=rng.getrandbits(128)))
+        notes = notifications_for(msg_id, campaign, rng)
+        expected[msg_id] = notes
+        for note in notes:
+            for _ in range(rng.randint(1, 3)):
+                # Resends sometimes carry the UUID in upper case: still the same notification.
+                case = str.upper if rng.random() < 0.3 else str.lower
+                copies.append({**note, "msg_id": case(msg_id)})
+    rng.shuffle(copies)
+
+    env = {"DLR_DATABASE_URL": pg_url}
+    with running_server(env) as (url_a, _), running_server(env) as (url_b, _):
+        answers = await send_all([url_a, url_b], copies, rng)
+        assert answers == Counter({200: len(copies)})
+
+        async with httpx.AsyncClient(timeout=30) as client:
+            for msg_id, notes in expected.items():
+                # Both replicas read the same row; ask each one half the time.
+                url = url_a if rng.random() < 0.5 else url_b
+                r = await client.get(f"{url}/api/v1/messages/{msg_id}")
+                assert r.status_code == 200, r.text
+                message = r.json()
+                status, status_extended = expected_status(notes)
+                assert (message["status"], message["status_extended"]) == (
+                    status, status_extended), (msg_id, notes)
+                stored = Counter(event_key(e) for e in message["events"])
+                assert stored == Counter(note_key(n) for n in notes), msg_id
+                replies = sorted(r["text"] for r in message["replies"])
+                assert replies == sorted(n["text"] for n in notes if n["type"] == "reply")
+                if status == "seen":
+                    assert message["delivered_at"] and message["seen_at"]
+
+            # Nothing else was stored (no message under the other letter case, no extra
+            # event): the campaign holds exactly these messages and notifications.
+            r = await client.get(f"{url_a}/api/v1/stats", params={"p_transaction_id": campaign})
+            stats = r.json()
+            assert stats["total"] == MESSAGES
+            assert sum(stats["events_by_type"].values()) == sum(map(len, expected.values()))
