@@ -298,3 +298,67 @@ def test_cli_send_and_upload_one(settings: Settings, engine: Engine, tmp_path: P
         assert missing.exit_code == 2 and "from is required" in missing.stderr
     finally:
         gen.close()
+
+
+# --- issue 14: the provider's language end to end ----------------------------------------------
+
+def test_sms_is_reported_as_the_provider_does(stack: Stack) -> None:
+    # The stack asks for seen and reply on everything; an SMS still gets neither.
+    r = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "hi",
+                                                 "sending_method": "sms"})
+    assert r.status_code == 200, r.text
+    [msg_id] = r.json()["msg_ids"].values()
+    stack.wait_for_dlrs()
+    m = stack.api.get(f"/api/v1/messages/{msg_id}").json()
+    assert (m["status"], m["kind"], m["seen_at"], m["replies"]) == ("delivered", "sms", None, [])
+    assert {(e["type"], e["status"]) for e in m["events"]} == {
+        ("delivery", "in_process"), ("delivery", "delivered")}
+
+
+def test_a_numeric_report_for_a_viber_message_is_not_called_sms(stack: Stack) -> None:
+    stack.sim.emit_dlrs = False
+    r = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "hi"})
+    [msg_id] = r.json()["msg_ids"].values()
+    # The SMS fallback's report: numeric status, no type.
+    assert stack.api.post("/dlr", data={"msg_id": msg_id, "status": "-2"}).status_code == 200
+    m = stack.api.get(f"/api/v1/messages/{msg_id}")
+    assert (m.json()["status"], m.json()["status_extended"], m.json()["kind"]) == (
+        "undelivered", "STATUS_-2", "text")
+    assert "SMS" not in m.text
+    stats = stack.api.get("/api/v1/stats")
+    assert "STATUS_-2" in stats.text and "SMS" not in stats.text
+
+
+def test_delay_reaches_the_provider(settings: Settings, engine: Engine) -> None:
+    gen = stack_for(settings, undelivered_rate=0.0, seen_rate=0.0, reply_rate=0.0)
+    s = next(gen)
+    try:
+        r = s.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "later",
+                                                 "delay": 5})
+        assert r.status_code == 200, r.text
+        assert s.sim.requests[-1]["delay"] == ["5"]
+        s.wait_for_dlrs()  # five (scaled) minutes later
+        [msg_id] = r.json()["msg_ids"].values()
+        assert s.api.get(f"/api/v1/messages/{msg_id}").json()["status"] == "delivered"
+        assert s.api.post("/api/v1/messages", json={
+            "phone": ["79031234567"], "txt": "x", "delay": 10081}).status_code == 422
+        env = {"DLR_DATABASE_URL": settings.database_url, "DLR_BULK_URL": s.sim_url + "/",
+               "DLR_BULK_USER": USER, "DLR_BULK_SECRET_KEY": SECRET, "DLR_BULK_FROM": "Shop"}
+        sent = CliRunner().invoke(cli, ["send", "--phone", "79031234567", "--txt", "hi",
+                                        "--delay", "7"], env=env)
+        assert sent.exit_code == 0, sent.output
+        assert s.sim.requests[-1]["delay"] == ["7"]
+    finally:
+        gen.close()
+
+
+def test_a_wrong_upload_sign_uppercase_is_refused_by_the_provider(stack: Stack) -> None:
+    wrong = make_settings(
+        database_url=stack.settings.database_url, bulk_url=f"{stack.sim_url}/",
+        media_url=f"{stack.sim_url}/upload/", bulk_user=USER, bulk_secret_key=SECRET,
+        upload_sign_uppercase=True)
+    with serving_in_thread(create_app(wrong)) as url, httpx.Client(base_url=url) as api:
+        r = api.post("/api/v1/images", files={"image": ("a.gif", GIF_1X1)})
+    assert (r.status_code, r.json()["code"], r.json()["tech_message"]) == (502, 2,
+                                                                           "Invalid sign")
+    assert stack.sim.images == {}
