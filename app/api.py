@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from sqlalchemy import ColumnElement, Connection, Integer, Select, bindparam, func, select
@@ -32,6 +32,7 @@ from app.schemas import (
 )
 from app.security import require_api_access
 
+R = TypeVar("R")
 router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(require_api_access)])
 
 
@@ -59,11 +60,11 @@ def decode_cursor(cursor: str | None) -> int | None:
     return None if cursor is None else int(cursor)
 
 
-def _page(rows: list[object], limit: int, id_of: object) -> tuple[list[object], str | None]:
+def _page(rows: list[R], limit: int, id_of: Callable[[R], int]) -> tuple[list[R], str | None]:
     """Keyset pages, newest first: rows were fetched with limit + 1 to see if more follow."""
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, encode_cursor(id_of(rows[-1])) if more and rows else None  # type: ignore[operator]
+    return rows, encode_cursor(id_of(rows[-1])) if more and rows else None
 
 
 _SUMMARY_COLUMNS = [Message.__table__.c[name] for name in MessageSummary.model_fields]
@@ -132,7 +133,10 @@ _LIST_FILTERS: dict[str, ColumnElement[bool]] = {
 }
 
 
-@lru_cache(maxsize=2 ** len(_LIST_FILTERS))  # every subset of the filters
+_FILTER_SUBSETS: int = 2 ** len(_LIST_FILTERS)
+
+
+@lru_cache(maxsize=_FILTER_SUBSETS)  # every subset of the filters
 def _list_statement(filters: tuple[str, ...]) -> Select[Any]:
     """One statement per combination of filters, so each is built and compiled once."""
     return (select(*_SUMMARY_COLUMNS, _M.id)
@@ -162,11 +166,11 @@ async def list_messages(
     params = {name: value for name, value in values.items() if value is not None}
     rows = await request.app.state.database.read_rows(_list_statement(tuple(params)),
                                                       params | {"limit": limit + 1})
-    rows, next_cursor = _page(rows, limit, lambda r: r[-1])  # type: ignore[arg-type]
+    rows, next_cursor = _page(rows, limit, lambda r: int(r[-1]))
     n = len(_SUMMARY_COLUMNS)
     page = Page[MessageSummary](
         items=[MessageSummary(**dict(zip(MessageSummary.model_fields, r[:n], strict=True)))
-               for r in rows],  # type: ignore[index]
+               for r in rows],
         next_cursor=next_cursor,
     )
     return Response(page.model_dump_json(), media_type="application/json")
@@ -195,7 +199,7 @@ async def list_replies(
         items = [
             ReplyItem(msg_id=m.msg_id, p_transaction_id=m.p_transaction_id or e.p_transaction_id,
                       phone=m.phone, text=e.text or "", received_at=e.received_at)
-            for e, m in rows  # type: ignore[misc]
+            for e, m in rows
         ]
         return Page[ReplyItem](items=items, next_cursor=next_cursor)
 
@@ -231,11 +235,11 @@ async def stats(database: DatabaseDep, since: Since = None, until: Until = None,
         by_status = dict(session.execute(
             select(status_, func.count()).where(*scope).group_by(status_)
         ).all())
-        by_ext = dict(session.execute(
+        by_ext: dict[str, int] = {ext: n for ext, n in session.execute(
             select(Message.status_extended, func.count())
             .where(Message.status_extended.is_not(None), *scope)
             .group_by(Message.status_extended)
-        ).all())
+        ).all() if ext is not None}
         sent, delivered, seen = session.execute(
             select(func.count(), func.count(Message.delivered_at), func.count(Message.seen_at))
             .where(*scope)
@@ -335,7 +339,7 @@ async def list_rejected(database: DatabaseDep, limit: Limit = 100, cursor: Curso
             RejectedItem(id=r.id, reason=r.reason, raw=_decoded(r.body or r.query), method=r.method,
                          content_type=r.content_type, query=_decoded(r.query),
                          source_ip=r.source_ip, received_at=r.received_at)
-            for r in rows  # type: ignore[attr-defined]
+            for r in rows
         ]
         return Page[RejectedItem](items=items, next_cursor=next_cursor)
 

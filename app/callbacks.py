@@ -75,7 +75,7 @@ def parse_multipart(data: bytes, boundary: bytes) -> dict[str, str]:
 
     parser = MultipartParser(
         boundary,
-        callbacks={  # type: ignore[arg-type]
+        callbacks={
             "on_header_field": on_header_field,
             "on_header_value": on_header_value,
             "on_header_end": on_header_end,

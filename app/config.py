@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     forward_secret: SecretStr | None = None
     forward_url: str | None = None
     forward_retry_schedule: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000])
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0])
     forward_timeout: float = Field(default=10.0, gt=0, le=300)
     forward_concurrency: int = Field(default=8, ge=1, le=256)
 

@@ -15,7 +15,17 @@ from typing import Any, TypeVar
 import psycopg
 from anyio import CapacityLimiter, to_thread
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import DateTime, Engine, Executable, MetaData, create_engine, event, text
+from sqlalchemy import (
+    ClauseElement,
+    DateTime,
+    Engine,
+    MetaData,
+    Select,
+    TextClause,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
@@ -98,6 +108,8 @@ def make_engine(settings: Settings, *, pool_size: int = 8, reader: bool = False)
 # --- the process's one owner of database connections ----------------------------------------
 
 T = TypeVar("T")
+# A prebuilt read: a select, or literal SQL.
+Statement = Select[Any] | TextClause
 # Reads on worker threads (SQLite pages, the dashboard's aggregates) get their own limiter,
 # not anyio's process-wide one: nothing else (a provider call, another app in the same
 # process) can then take their threads, and they cannot take anyone else's.
@@ -160,7 +172,7 @@ class Database:
 
         return await self.in_thread(run)
 
-    def _rows(self, statement: Executable, params: dict[str, Any]) -> list[Any]:
+    def _rows(self, statement: Statement, params: dict[str, Any]) -> list[Any]:
         for attempt in (1, 2):
             try:
                 with self.reader.connect() as conn:
@@ -170,7 +182,7 @@ class Database:
                     raise
         raise AssertionError("unreachable")
 
-    async def read_rows(self, statement: Executable, params: dict[str, Any], *,
+    async def read_rows(self, statement: Statement, params: dict[str, Any], *,
                         thread: bool = True) -> list[Any]:
         """Run a prebuilt read without holding up the event loop that answers the callbacks.
 
@@ -204,11 +216,11 @@ class Database:
 
 
 _PING = text("SELECT 1")
-_POSTGRESQL = psycopg_dialect()
+_POSTGRESQL = psycopg_dialect()  # type: ignore[no-untyped-call]
 
 
 @lru_cache(maxsize=256)
-def postgresql_sql(statement: Executable) -> str:
+def postgresql_sql(statement: ClauseElement) -> str:
     """SQL text of a prebuilt statement, compiled once: compiling costs more than running an
     indexed read (a third of a page's time when done per request)."""
     return str(statement.compile(dialect=_POSTGRESQL))

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import Column, Connection, Engine, Table
+from sqlalchemy import Column, Connection, Engine, Table, insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -95,7 +95,7 @@ _PG_TYPES = {"BIGINT": "bigint", "INTEGER": "integer", "BOOLEAN": "boolean",
 def _pg_type(column: Column[Any]) -> str:
     from sqlalchemy.dialects import postgresql
 
-    compiled = column.type.compile(dialect=postgresql.dialect())
+    compiled = column.type.compile(dialect=postgresql.dialect())  # type: ignore[no-untyped-call]
     return _PG_TYPES.get(compiled, "text")
 
 
@@ -319,7 +319,7 @@ def _rejected_row(r: Rejection) -> dict[str, Any]:
 
 def _store_send(conn: Connection, record: SendRecord) -> None:
     record.send_id = conn.execute(
-        Send.__table__.insert().returning(Send.__table__.c.id),
+        insert(Send).returning(Send.id),
         {"p_transaction_id": record.p_transaction_id, "kind": record.kind,
          "sending_method": record.sending_method, "sender": record.sender,
          "phones": ",".join(record.phones), "outcome": record.outcome, "code": record.code,
@@ -340,7 +340,7 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
     outcomes: list[Outcome] = ["rejected"] * len(items)
     rejected = [_rejected_row(i) for i in items if isinstance(i, Rejection)]
     if rejected:
-        conn.execute(Rejected.__table__.insert(), rejected)
+        conn.execute(insert(Rejected), rejected)
 
     message_rows: list[tuple[dict[str, Any], Notification | None]] = []
     first: dict[str, Notification] = {}  # dedupe_key -> its first copy in this batch

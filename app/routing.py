@@ -15,7 +15,7 @@ dependency, so overriding the access dependency changes every /api route alike.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -30,6 +30,8 @@ async def call_dependencies(request: Request, dependencies: Sequence[Depends]) -
     """Run request-only dependencies (such as the access rule), honouring overrides."""
     overrides: dict[Any, Any] = getattr(request.app, "dependency_overrides", {})
     for dep in dependencies:
+        if dep.dependency is None:
+            continue
         fn = overrides.get(dep.dependency, dep.dependency)
         result = fn(request) if _takes_argument(fn) else fn()
         if inspect.isawaitable(result):
@@ -45,7 +47,7 @@ def _takes_argument(fn: Callable[..., Any]) -> bool:
 class DirectRoute(APIRoute):
     """An APIRoute whose endpoint is called as `endpoint(request, **path_params)`."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Endpoint = self.endpoint
         dependencies = list(self.dependencies)
 
