@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
+import secrets
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from itsdangerous import BadSignature, TimestampSigner
 
 from app.config import IPNetwork, Settings
 
@@ -88,6 +91,10 @@ def check_api_access(request: Request) -> None:
         ok = False
         for key in keys:
             ok |= token_matches(given, key)
+        # A dashboard session stands in for the key on reads only; a presented key that is
+        # wrong is refused even beside a valid session, so the answer never misleads.
+        if not ok and given is None and session_may_read(request):
+            ok = has_valid_session(request, keys)
         if not ok:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
@@ -100,6 +107,61 @@ def check_api_access(request: Request) -> None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "no API keys are configured: loopback clients only"
         )
+
+
+# Dashboard sessions. The cookie holds a random id, a timestamp and a signature whose key is
+# derived (HMAC-SHA256 with a purpose salt) from one API key: never the key itself. Nothing
+# is stored on the server, so sessions survive a restart and work across workers, and
+# removing a key from DLR_API_KEYS ends every session opened with it. Cross-site requests
+# cannot use it: SameSite=Strict keeps the browser from sending it on them, and it opens
+# GET and HEAD only, which change nothing; sends still need the key itself.
+SESSION_COOKIE = "dlr_session"
+SESSION_MAX_AGE = 12 * 3600
+_SESSION_SALT = "dlr.dashboard-session.v1"
+_SESSION_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _session_signer(api_key: str) -> TimestampSigner:
+    return TimestampSigner(api_key, salt=_SESSION_SALT, key_derivation="hmac",
+                           digest_method=hashlib.sha256)
+
+
+def new_session(api_key: str) -> str:
+    """A fresh session cookie value for a browser that presented `api_key`."""
+    return _session_signer(api_key).sign(secrets.token_urlsafe(16)).decode()
+
+
+def session_may_read(request: Request) -> bool:
+    """A session opens reads of the API and the dashboard page, and nothing else."""
+    path: str = request.scope["path"]
+    return request.method in _SESSION_METHODS and (path.startswith("/api/")
+                                                   or path == "/dashboard")
+
+
+def has_valid_session(request: Request, keys: list[str]) -> bool:
+    """The request carries a session cookie signed for one of `keys`, at most 12 h old."""
+    value = request.cookies.get(SESSION_COOKIE)
+    if not value:
+        return False
+    ok = False
+    for key in keys:  # every key, like the header check
+        try:
+            _session_signer(key).unsign(value, max_age=SESSION_MAX_AGE)
+            ok = True
+        except BadSignature:  # also expired, or dated in the future
+            pass
+    return ok
+
+
+def arrived_over_https(request: Request, trusted_proxies: list[IPNetwork]) -> bool:
+    """The browser's connection is TLS: directly, or at a trusted proxy that says so."""
+    if request.url.scheme == "https":
+        return True
+    peer = _parse(request.client.host) if request.client else None
+    if peer is None or not _in(peer, trusted_proxies):
+        return False
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[-1].strip().lower()
+    return proto == "https"
 
 
 ApiAccess = Annotated[None, Depends(require_api_access)]
