@@ -1,7 +1,8 @@
 """Logging for `dlr serve`: text or one JSON object a line, and no secrets in either.
 
-The callback token can travel in the URL (`/dlr/TOKEN`, `?token=`), which the access log
-would print; it is masked before any handler sees it.
+The callback token can travel in the URL (`/dlr/TOKEN`, `?token=`, `?tok%65n=`), which the
+access log would print; it is masked before any handler sees it. `redact_query` masks it in
+the query strings and form bodies that the rejected archive keeps.
 """
 
 from __future__ import annotations
@@ -11,14 +12,57 @@ import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-_TOKEN_PATH = re.compile(r"(/dlr/)[^\s?\"]+")
-_TOKEN_QUERY = re.compile(r"([?&]token=)[^&\s\"]*")
+_TOKEN_PATH = re.compile(r"(/dlr/)[^\s?\"]+", re.IGNORECASE)
+# A query key inside a log line starts the line or follows `?`, `&`, a blank or a quote, and
+# runs to `=`; a value ends at the next `&`, blank or quote (the access log quotes the
+# request line).
+_QUERY_KEY = re.compile(r"(?:^|[?&\s\"'])([^=&\s\"'?]+)=")
+_VALUE_END = re.compile(r"[&\s\"]|$")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+MASK = b"***"
+
+
+def _is_token_key(key: bytes) -> bool:
+    """Whether a raw urlencoded key names the token: `token`, `tok%65n`, `TOKEN`, ...
+
+    The receiver decodes keys (`%65` is `e`, `+` is a blank) before it looks for `token`, so
+    masking must decode them too; letter case is ignored so that near-misses, which may still
+    carry the real secret, are masked as well.
+    """
+    return unquote_to_bytes(key.replace(b"+", b" ")).lower() == b"token"
+
+
+def redact_query(data: bytes) -> bytes:
+    """urlencoded bytes with the value of every `token` parameter replaced by `***`.
+
+    Everything else is kept byte for byte (the rejected archive must show what arrived).
+    Pairs are split on `&` only, as the receiver's parser does.
+    """
+    if b"=" not in data:
+        return data
+    pairs = data.split(b"&")
+    for i, pair in enumerate(pairs):
+        key, eq, _ = pair.partition(b"=")
+        if eq and _is_token_key(key):
+            pairs[i] = key + b"=" + MASK
+    return b"&".join(pairs)
 
 
 def redact(text: str) -> str:
-    return _TOKEN_QUERY.sub(r"\1***", _TOKEN_PATH.sub(r"\1***", text))
+    """A log line with callback tokens masked, in the path and in any query spelling."""
+    text = _TOKEN_PATH.sub(r"\1***", text)
+    out: list[str] = []
+    done = 0  # text[:done] is already in out
+    for match in _QUERY_KEY.finditer(text):
+        if match.start() < done or not _is_token_key(
+                match.group(1).encode("utf-8", "surrogateescape")):
+            continue
+        end = _VALUE_END.search(text, match.end())
+        out += [text[done:match.end()], "***"]
+        done = end.start() if end else len(text)
+    return "".join(out) + text[done:] if out else text
 
 
 class RedactTokens(logging.Filter):

@@ -109,13 +109,30 @@ def msg_key(msg_id: str) -> str:
     return msg_id.lower() if _UUID.match(msg_id) else msg_id
 
 
+# Surrogates that are not byte escapes (those are U+DC80..U+DCFF): a lone half of a UTF-16
+# pair, which JSON can carry as "\ud83d" when a serialiser cut a reply mid-emoji.
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+# The same, once written as generalised UTF-8 (WTF-8) bytes: three bytes, one character.
+_SURROGATE_BYTES = re.compile(b"\xed[\xa0-\xbf][\x80-\xbf]")
+
+
+def _as_escaped_bytes(match: re.Match[str]) -> str:
+    return match.group().encode("utf-8", "surrogatepass").decode("utf-8", "surrogateescape")
+
+
 def clean_text(value: str) -> tuple[str, bytes | None]:
     """Printable text plus the original bytes when they were not clean UTF-8.
 
     Undecodable bytes arrive as surrogate escapes; NUL cannot be stored in PostgreSQL text.
-    Both become U+FFFD in the text, and the exact bytes are kept beside it.
+    Both become U+FFFD in the text, and the exact bytes are kept beside it. A lone UTF-16
+    surrogate is kept as its WTF-8 bytes and shown as one U+FFFD.
     """
-    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = _LONE_SURROGATE.sub(_as_escaped_bytes, value).encode("utf-8", "surrogateescape")
+        shown = _SURROGATE_BYTES.sub("\ufffd".encode(), raw)
+        return shown.decode("utf-8", "replace").replace("\x00", "\ufffd"), raw
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
