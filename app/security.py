@@ -31,11 +31,23 @@ def _parse(value: str) -> IPAddress | None:
 
 
 def client_ip(request: Request, trusted_proxies: list[IPNetwork]) -> IPAddress | None:
-    """The caller's address. X-Forwarded-For is believed only from a trusted proxy, and then
-    read from the right, stopping at the first hop that is not itself a trusted proxy: the
-    left part of the header is whatever the client chose to write."""
+    """The caller's address, or None when it cannot be known.
+
+    X-Forwarded-For is believed only from a trusted proxy, and then read from the right,
+    stopping at the first hop that is not itself a trusted proxy: the left part of the header
+    is whatever the client chose to write. A request that came through a proxy but names no
+    usable client (no, an empty or a garbled X-Forwarded-For, or only trusted hops) has no
+    known address: never the proxy's own, which on the same host would pass as loopback.
+    """
     peer = _parse(request.client.host) if request.client else None
-    if peer is None or not _in(peer, trusted_proxies):
+    if peer is None:
+        return None
+    if not _in(peer, trusted_proxies):
+        # A loopback peer that forwards for someone else is a proxy on this host that is
+        # not configured as trusted: whoever it forwards for is unknown, not local.
+        if peer.is_loopback and any(
+                name in request.headers for name in ("x-forwarded-for", "forwarded", "x-real-ip")):
+            return None
         return peer
     header = ",".join(request.headers.getlist("x-forwarded-for"))
     hops = [h for h in header.split(",") if h.strip()]
@@ -45,7 +57,7 @@ def client_ip(request: Request, trusted_proxies: list[IPNetwork]) -> IPAddress |
             return None  # a garbled chain names nobody we can trust
         if not _in(addr, trusted_proxies):
             return addr
-    return peer
+    return None  # only trusted hops, or none at all
 
 
 def token_matches(given: str | None, expected: str) -> bool:
