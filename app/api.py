@@ -8,14 +8,32 @@ from functools import lru_cache
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
-from sqlalchemy import ColumnElement, Connection, Integer, Select, bindparam, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Integer,
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
 from app.models import Event, Message, Rejected
-from app.notifications import Status, msg_key
+from app.notifications import (
+    SHOWN_PREFIX,
+    SMS_KIND,
+    STORED_PREFIX,
+    Status,
+    msg_key,
+    shown_status_extended,
+)
 from app.routing import DirectRoute
 from app.schemas import (
+    API_ERROR_RESPONSES,
     ErrorOut,
     EventOut,
     Funnel,
@@ -28,6 +46,7 @@ from app.schemas import (
     Stats,
     Timeline,
     TimelinePoint,
+    UtcDateTime,
     invalid,
 )
 from app.security import require_api_access
@@ -85,10 +104,13 @@ def message_from_rows(rows: Sequence[Sequence[Any]], msg_id: str) -> MessageOut:
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no message with msg_id {msg_id!r}")
     n = len(_SUMMARY_COLUMNS)
+    summary = dict(zip(MessageSummary.model_fields, rows[0][:n], strict=True))
     events = [EventOut(**dict(zip(EventOut.model_fields, r[n:], strict=True)))
               for r in rows if r[n] is not None]
+    for e in events:
+        e.status_extended = shown_status_extended(e.status_extended, summary["kind"])
     return MessageOut(
-        **dict(zip(MessageSummary.model_fields, rows[0][:n], strict=True)),
+        **summary,
         replies=[ReplyOut(text=e.text or "", received_at=e.received_at)
                  for e in events if e.type == "reply"],
         events=events,
@@ -235,10 +257,16 @@ async def stats(database: DatabaseDep, since: Since = None, until: Until = None,
         by_status = dict(session.execute(
             select(status_, func.count()).where(*scope).group_by(status_)
         ).all())
+        # Counted by the code each message shows (see shown_status_extended).
+        shown = case(
+            (and_(Message.kind.is_not(None), Message.kind != SMS_KIND,
+                  func.substr(Message.status_extended, 1, len(STORED_PREFIX)) == STORED_PREFIX),
+             SHOWN_PREFIX + func.substr(Message.status_extended, len(STORED_PREFIX) + 1)),
+            else_=Message.status_extended)
         by_ext: dict[str, int] = {ext: n for ext, n in session.execute(
-            select(Message.status_extended, func.count())
+            select(shown, func.count())
             .where(Message.status_extended.is_not(None), *scope)
-            .group_by(Message.status_extended)
+            .group_by(shown)
         ).all() if ext is not None}
         sent, delivered, seen = session.execute(
             select(func.count(), func.count(Message.delivered_at), func.count(Message.seen_at))
@@ -270,15 +298,6 @@ async def stats(database: DatabaseDep, since: Since = None, until: Until = None,
     return await database.session(read)
 
 
-def _as_utc(value: datetime, name: str) -> datetime:
-    """A time without a zone is UTC, as on the other routes; one that cannot be expressed
-    in UTC (year 1 with a positive offset) is a 422, not a 500."""
-    try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:
-        raise invalid(("query", name), "out of range once converted to UTC") from None
-
-
 def _bucket_of(col: Any, dialect: str, bucket_seconds: int) -> ColumnElement[Any]:
     """The bucket number of a time, as a whole number on both backends: a true division
     would make every second its own bucket (SQLAlchemy 2's `/` is true division)."""
@@ -287,17 +306,26 @@ def _bucket_of(col: Any, dialect: str, bucket_seconds: int) -> ColumnElement[Any
     return func.cast(func.strftime("%s", col), Integer) // bucket_seconds
 
 
-@router.get("/timeline", response_model=Timeline)
+TIMELINE_WINDOW = timedelta(days=2)
+
+
+@router.get("/timeline", response_model=Timeline, responses=API_ERROR_RESPONSES | {
+    422: {"description": "a parameter is invalid, or `since` is more than 2 days before "
+                         "`until` (or now): the window is limited to 2 days"}})
 async def timeline(
     database: DatabaseDep,
-    since: Annotated[datetime, Query(description="ISO 8601; at most 2 days before until")],
-    until: Until = None,
+    since: Annotated[UtcDateTime, Query(
+        description="ISO 8601 (no zone: UTC); inclusive; at most 2 days before `until`")],
+    until: Annotated[UtcDateTime | None, Query(
+        description="ISO 8601 (no zone: UTC); exclusive; default now")] = None,
     bucket_seconds: Annotated[int, Query(ge=10, le=86400)] = 60,
 ) -> Timeline:
-    """Notifications received per time bucket, by type (the dashboard's activity chart)."""
-    start = _as_utc(since, "since")
-    end = _as_utc(until, "until") if until is not None else utcnow()
-    if end - start > timedelta(days=2):
+    """Notifications received per time bucket, by type (the dashboard's activity chart).
+
+    The window from `since` to `until` is at most 2 days; buckets start at whole multiples
+    of `bucket_seconds` since the epoch."""
+    start, end = since, until or utcnow()
+    if end - start > TIMELINE_WINDOW:
         raise invalid(("query", "since"), "the window is limited to 2 days")
 
     def read(session: Session) -> list[Any]:

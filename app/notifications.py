@@ -57,20 +57,22 @@ STATUS_EXTENDED_MEANING = {
 }
 
 # Reports with a numeric status and no type: the provider's SMS delivery reports, which a Viber
-# message that fell back to SMS gets as well. So the status_extended made from a failure code
-# names no channel: STATUS_-2, never "SMS". 1-4 are interim (2 "absent" and 3 "preparing"
-# come from an older version of the public documentation); 0 and the negatives are final.
+# message that fell back to SMS gets as well. A failure code is stored as the contract names it
+# (SMS_-2), and shown so for SMS messages and messages of unknown kind; a Viber message shows
+# it as STATUS_-2, naming no channel (`shown_status_extended`). 1-4 are interim (2 "absent" and
+# 3 "preparing" come from an older version of the public documentation); 0 and the negatives
+# are final.
 NUMERIC_STATUS = {
     "0": (Status.DELIVERED, None),
     "1": (Status.IN_PROCESS, None),  # buffered
     "2": (Status.IN_PROCESS, None),  # absent: the subscriber is out of reach, still queued
     "3": (Status.IN_PROCESS, None),  # preparing
     "4": (Status.IN_PROCESS, None),  # no answer from the operator yet
-    "-1": (Status.UNDELIVERED, "STATUS_-1"),
-    "-2": (Status.UNDELIVERED, "STATUS_-2"),
-    "-3": (Status.UNDELIVERED, "STATUS_-3"),
-    "-11": (Status.UNDELIVERED, "STATUS_-11"),
-    "-12": (Status.UNDELIVERED, "STATUS_-12"),
+    "-1": (Status.UNDELIVERED, "SMS_-1"),
+    "-2": (Status.UNDELIVERED, "SMS_-2"),
+    "-3": (Status.UNDELIVERED, "SMS_-3"),
+    "-11": (Status.UNDELIVERED, "SMS_-11"),
+    "-12": (Status.UNDELIVERED, "SMS_-12"),
 }
 NUMERIC_STATUS_MEANING = {
     "-1": "Not delivered (delivery error)",
@@ -79,7 +81,7 @@ NUMERIC_STATUS_MEANING = {
     "-11": "No route to the subscriber's operator",
     "-12": "HTTP request error",
 }
-# What earlier versions stored (SMS_-2) stays known and explained, whatever the channel was.
+# Both names are known and explained, whatever the channel was.
 NUMERIC_STATUS_EXTENDED_MEANING = {
     f"{prefix}_{code}": meaning
     for code, meaning in NUMERIC_STATUS_MEANING.items()
@@ -90,6 +92,19 @@ SMS_STATUS = NUMERIC_STATUS
 SMS_STATUS_EXTENDED_MEANING = NUMERIC_STATUS_EXTENDED_MEANING
 KNOWN_STATUS_EXTENDED = frozenset(STATUS_EXTENDED_MEANING) | frozenset(
     NUMERIC_STATUS_EXTENDED_MEANING)
+
+STORED_PREFIX, SHOWN_PREFIX = "SMS_", "STATUS_"
+SMS_KIND = "sms"
+
+
+def shown_status_extended(value: str | None, kind: str | None) -> str | None:
+    """The status_extended a message of `kind` shows: a numeric report's code names no
+    channel on a Viber message (its kind is known from the send record)."""
+    if value is not None and kind is not None and kind != SMS_KIND \
+            and value.startswith(STORED_PREFIX):
+        return SHOWN_PREFIX + value[len(STORED_PREFIX):]
+    return value
+
 
 WORD_STATUS = {
     "delivered": Status.DELIVERED,

@@ -12,6 +12,7 @@ from app.notifications import (
     Status,
     interpret,
     msg_key,
+    shown_status_extended,
 )
 
 from .helpers import UUID_A
@@ -50,11 +51,11 @@ def test_status_words(raw: str, expected: Status) -> None:
         ("2", Status.IN_PROCESS, None),  # absent (older documentation): still queued
         ("3", Status.IN_PROCESS, None),  # preparing (older documentation)
         ("4", Status.IN_PROCESS, None),
-        ("-1", Status.UNDELIVERED, "STATUS_-1"),
-        ("-2", Status.UNDELIVERED, "STATUS_-2"),
-        ("-3", Status.UNDELIVERED, "STATUS_-3"),
-        ("-11", Status.UNDELIVERED, "STATUS_-11"),
-        ("-12", Status.UNDELIVERED, "STATUS_-12"),
+        ("-1", Status.UNDELIVERED, "SMS_-1"),
+        ("-2", Status.UNDELIVERED, "SMS_-2"),
+        ("-3", Status.UNDELIVERED, "SMS_-3"),
+        ("-11", Status.UNDELIVERED, "SMS_-11"),
+        ("-12", Status.UNDELIVERED, "SMS_-12"),
     ],
 )
 def test_sms_reports_without_type_are_deliveries(
@@ -65,12 +66,16 @@ def test_sms_reports_without_type_are_deliveries(
     assert not n.unknown_status_extended
 
 
-def test_a_numeric_report_names_no_channel() -> None:
-    # A Viber message that fell back to SMS gets the numeric report too: no "SMS" label.
+def test_a_numeric_report_names_no_channel_on_a_viber_message() -> None:
+    # Stored as the contract names it; a Viber message that fell back to SMS gets the numeric
+    # report too, and shows it with no "SMS" label.
     for fields in ({"msg_id": "m", "status": "-2"},
                    {"type": "delivery", "msg_id": "m", "status": "-2"}):
         n = read(**fields)
-        assert (n.status, n.status_extended) == (Status.UNDELIVERED, "STATUS_-2")
+        assert (n.status, n.status_extended) == (Status.UNDELIVERED, "SMS_-2")
+        assert shown_status_extended(n.status_extended, "text") == "STATUS_-2"
+        assert shown_status_extended(n.status_extended, "sms") == "SMS_-2"
+        assert shown_status_extended(n.status_extended, None) == "SMS_-2"
     meanings = NUMERIC_STATUS_EXTENDED_MEANING
     assert all("SMS" not in meanings[f"STATUS_{code}"] for code in ("-1", "-2", "-3", "-11", "-12"))
 
