@@ -1,6 +1,6 @@
 """Prometheus metrics. Each worker process exposes its own on /metrics."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 CALLBACKS = Counter(
     "dlr_callbacks_total", "Callbacks answered, by notification type and outcome",
@@ -16,3 +16,21 @@ COMMIT_SECONDS = Histogram(
 )
 DB_ERRORS = Counter("dlr_db_errors_total", "Database errors on the write path", ["kind"])
 SENDS = Counter("dlr_sends_total", "Requests to the provider's send API, by answer code", ["code"])
+
+# Forwarding (outbound webhooks).
+FORWARD_DELIVERIES = Counter(
+    "dlr_forward_deliveries_total",
+    "Forwarding attempts by endpoint and outcome (delivered, retry, failed, gone)",
+    ["endpoint", "outcome"],
+)
+FORWARD_ATTEMPT_SECONDS = Histogram(
+    "dlr_forward_attempt_seconds", "Time from sending an event to the endpoint's answer",
+    ["endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FORWARD_BACKLOG = Gauge(
+    "dlr_forward_backlog", "Deliveries due but not delivered yet, by endpoint", ["endpoint"],
+)
+FORWARD_OLDEST_PENDING = Gauge(
+    "dlr_forward_oldest_pending_seconds", "Age of the oldest delivery still pending",
+)

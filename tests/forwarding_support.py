@@ -47,6 +47,7 @@ class Sink:
         self.answer: Callable[[int, dict[str, str], bytes], int] = lambda n, h, b: 200
         self.delay = 0.0
         self.hang = False
+        self.arrived = 0  # requests that reached the handler, answered or not
         self._released = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -59,6 +60,8 @@ class Sink:
                 started = time.monotonic()
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 headers = {k.lower(): v for k, v in self.headers.items()}
+                with sink._lock:
+                    sink.arrived += 1
                 if sink.hang:
                     sink._released.wait(60)
                 if sink.delay:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
@@ -40,17 +40,19 @@ CONFLICT: Responses = {409: {"description": "not possible in the endpoint's curr
 RESOLVE_SECONDS = 3.0
 
 
-def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
-
-
 async def _in_transaction(request: Request, fn: Callable[[Connection], T]) -> T:
+    """Run `fn` in one transaction on the app's write engine, in a read thread (the app's
+    Database when it has one, so these admin calls share its thread limit)."""
+    database = getattr(request.app.state, "database", None)
+    engine: Engine = database.engine if database is not None else request.app.state.engine
+
     def run() -> T:
-        with _engine(request).begin() as conn:
+        with engine.begin() as conn:
             return fn(conn)
 
     try:
+        if database is not None:
+            return cast(T, await database.in_thread(run))
         return await run_in_threadpool(run)
     except endpoints.NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None

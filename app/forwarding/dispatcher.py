@@ -424,6 +424,11 @@ class Forwarder:
             else:
                 status, label = PENDING, "retry"
                 next_at = attempted_at + timedelta(seconds=delay)
+                if self._loop is not None:
+                    # Claimed when due, not at the next poll (a bit late: the outcome is
+                    # recorded by the next round, within FLUSH_SECONDS).
+                    self._loop.call_later(delay + 2 * FLUSH_SECONDS, self._reopen,
+                                          lane.endpoint_id)
         metrics.FORWARD_DELIVERIES.labels(endpoint=lane.endpoint_id, outcome=label).inc()
         return Outcome(claim.delivery_id, lane.endpoint_id, claim.token, status,
                        next_attempt_at=next_at, attempted_at=attempted_at, status_code=code,
