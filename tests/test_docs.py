@@ -7,7 +7,6 @@ import re
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
