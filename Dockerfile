@@ -4,10 +4,12 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv/dlr
 RUN python -m venv /opt/venv
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# Dependencies first, against an empty package (and an empty readme), so that a change to the
+# code or the README alone reuses this layer. Editable, so that the migrations beside the
+# package are found at the same path at run time; the real package then replaces the empty one.
+RUN mkdir app && touch app/__init__.py README.md && /opt/venv/bin/pip install -e . && rm -r app
 COPY app ./app
-# Editable, so that the migrations beside the package are found at the same path at run time.
-RUN /opt/venv/bin/pip install -e .
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
