@@ -1,12 +1,14 @@
-"""The container deliverables, checked with what runs here (no Docker engine on this machine)."""
+"""The container deliverables read as files (tests/test_container.py builds and runs the image)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -47,6 +49,47 @@ def test_compose_names_image_database_and_healthchecks() -> None:
     assert app["depends_on"]["db"]["condition"] == "service_healthy"
     entry = json.loads(dockerfile_instruction("ENTRYPOINT")[-1])
     assert app["entrypoint"] == entry  # one serve command for image and compose
+
+
+def compose_services() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    return services
+
+
+def test_compose_waits_for_a_healthy_database_on_a_named_volume() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    db, app = compose["services"]["db"], compose["services"]["dlr"]
+    assert app["depends_on"] == {"db": {"condition": "service_healthy"}}
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert "/healthz" in " ".join(app["healthcheck"]["test"])
+    # The database's files live on a named volume, so `docker compose down` keeps them.
+    assert "pgdata:/var/lib/postgresql/data" in db["volumes"]
+    assert "pgdata" in compose["volumes"]
+    # The grace period outlasts the server's own 30 s drain of requests in flight.
+    assert int(app["stop_grace_period"].removesuffix("s")) > 30
+
+
+def test_compose_refuses_to_start_without_an_api_key_and_says_how() -> None:
+    value = compose_services()["dlr"]["environment"]["DLR_API_KEYS"]
+    # `${NAME:?message}`: compose stops with the message when NAME is unset or empty.
+    match = re.fullmatch(r"\$\{DLR_API_KEYS:\?(?P<message>[^}]+)\}", value)
+    assert match, value
+    assert ".env" in match["message"] and "DLR_API_KEYS=" in match["message"]
+
+
+def test_compose_does_not_restart_forever_on_a_configuration_error() -> None:
+    policy = compose_services()["dlr"]["restart"]
+    match = re.fullmatch(r"on-failure:(\d+)", policy)
+    assert match and 1 <= int(match[1]) <= 10, policy
+
+
+def test_dockerignore_keeps_the_venv_databases_and_secrets_out_of_the_build() -> None:
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".venv", ".git", ".env", "dlr.db", "app/__pycache__"):
+        assert any(fnmatch.fnmatch(path, p.removeprefix("**/")) or
+                   fnmatch.fnmatch(path.rsplit("/", 1)[-1], p.removeprefix("**/"))
+                   for p in patterns if not p.startswith("!")), path
 
 
 def test_the_image_entrypoint_serves_outside_a_container(tmp_path: Path) -> None:
