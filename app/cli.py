@@ -578,6 +578,12 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
+# Forwarding's commands (`dlr endpoints ...`, `dlr deliveries ...`) use the helpers above.
+from app.forwarding.cli import register  # noqa: E402
+
+register(cli)
+
+
 def main() -> None:
     cli(prog_name="dlr")
 

@@ -131,6 +131,7 @@ def _delivered(engine: Engine) -> deliveries.Listed | None:
     return items[0] if items else None
 
 
+@pytest.mark.slow
 async def test_after_the_last_retry_the_delivery_fails_and_manual_retry_sends_again(
         engine: Engine, sink: Sink, forwarder: Any) -> None:
     add_endpoint(engine, sink.url)
@@ -208,6 +209,7 @@ async def test_a_hanging_endpoint_does_not_stall_another(engine: Engine, forward
         slow.release()
 
 
+@pytest.mark.slow
 async def test_link_local_target_is_refused_at_connect_time(engine: Engine,
                                                             forwarder: Any) -> None:
     # As if the URL had been allowed when created and the name now pointed at the metadata
