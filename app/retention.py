@@ -8,9 +8,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Engine, Table, delete, func, select
+from sqlalchemy import ColumnElement, Engine, Table, delete, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
+from app.forwarding.retention import FORWARDING_TARGETS
 from app.models import Event, Message, Rejected, Send
 
 _AGE = re.compile(r"^(\d+)([dhm])$")
@@ -27,10 +28,11 @@ def parse_age(value: str) -> timedelta:
 
 # (table, its time column). A message's updated_at is never older than any of its events,
 # so events go first and no message loses events it still shows.
-TARGETS: tuple[tuple[Table, InstrumentedAttribute[datetime]], ...] = tuple(
-    (cast(Table, model.__table__), column)
+# Forwarding's finished deliveries and their events go first (app/forwarding/retention.py).
+TARGETS: tuple[tuple[Table, InstrumentedAttribute[datetime] | ColumnElement[datetime]], ...] = (
+    *FORWARDING_TARGETS, *((cast(Table, model.__table__), column)
     for model, column in ((Event, Event.received_at), (Rejected, Rejected.received_at),
-                          (Send, Send.created_at), (Message, Message.updated_at)))
+                          (Send, Send.created_at), (Message, Message.updated_at))))
 
 
 def count_older(engine: Engine, *, before: datetime) -> dict[str, int]:
