@@ -10,12 +10,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import psycopg
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
-from app import api, callbacks, dashboard, docs, process, send_api
+from app import api, callbacks, dashboard, docs, operations, process, send_api
 from app.api_guard import ApiGuard
 from app.config import Settings, get_settings
 from app.db import Database
@@ -23,13 +22,10 @@ from app.forwarding import api as forwarding_api
 from app.forwarding.dispatcher import Forwarder
 from app.forwarding.events import Outbox
 from app.ingest import Ingestor
-from app.schemas import ErrorOut, Health
-from app.security import check_api_access
 from app.sender import NotConfigured, Sender
 
 log = logging.getLogger(__name__)
-# Every body is bounded before it is read (FastAPI's own limit); the image upload is the
-# largest a client may send, the JSON routes set tighter limits of their own.
+# The largest API body is an image upload: the image and its multipart framing.
 MULTIPART_OVERHEAD = 64 * 1024
 
 
@@ -77,35 +73,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # app.docs serves them, from local assets
         openapi_url=None,
-        max_body_size=settings.upload_max_bytes + MULTIPART_OVERHEAD,
+        # FastAPI's own OpenTelemetry hooks: this service exports Prometheus metrics, and the
+        # per-request check whether a tracer is configured cost every request (profiled).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
-    app.add_middleware(ApiGuard, read_timeout=settings.api_read_timeout)
-    # The hot routes come first: the router tries routes in order.
-    app.include_router(callbacks.router)
-    app.include_router(api.router)
-    app.include_router(send_api.router)
-    app.include_router(forwarding_api.router)
-    app.include_router(dashboard.router)
+    app.add_middleware(ApiGuard, read_timeout=settings.api_read_timeout,
+                       max_body=settings.upload_max_bytes + MULTIPART_OVERHEAD)
+    # The most frequent routes first (callbacks, probes, the lookup): the router tries them
+    # in order, and FastAPI walks an included router route by route (profiled: /healthz
+    # behind the five other routers cost 88 us of CPU in the app, a bare route 34 us).
+    for module in (callbacks, operations, api, send_api, forwarding_api, dashboard):
+        app.include_router(module.router)
     docs.install(app, settings)
-
-    @app.get("/healthz", response_model=Health, tags=["operations"])
-    async def healthz() -> Health:
-        """The process is up (the database is not touched)."""
-        return Health(status="ok")
-
-    @app.get("/readyz", response_model=Health, tags=["operations"],
-             responses={503: {"description": "database unreachable", "model": ErrorOut}})
-    async def readyz(request: Request) -> Response:
-        """The database answers."""
-        await request.app.state.database.ping()
-        return JSONResponse({"status": "ready"})
-
-    @app.get("/metrics", tags=["operations"], include_in_schema=False)
-    def metrics_endpoint(request: Request) -> Response:
-        if settings.restrict_metrics:
-            check_api_access(request)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(psycopg.Error)
     @app.exception_handler(PoolTimeout)

@@ -120,23 +120,30 @@ def bracketed(url: str, loads: dict[str, tuple[str, str, dict[str, str]]], secon
 class Server:
     """`dlr serve` in a subprocess, with its memory readable from /proc."""
 
-    def __init__(self, database_url: str, port: int, workers: int) -> None:
+    def __init__(self, database_url: str, port: int, workers: int,
+                 command: list[str] | None = None, log: Path | None = None,
+                 ready: str = "/readyz") -> None:
+        """`command` replaces the quiet `dlr serve` (the logging round's servers); `log`
+        takes the server's output (a pipe nobody reads would block a chatty server)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")}
         env["DLR_DATABASE_URL"] = database_url
         self.url = f"http://127.0.0.1:{port}"
+        self.log = log.open("wb") if log is not None else None
         self.proc = subprocess.Popen(
-            [DLR, "serve", "--port", str(port), "--workers", str(workers), "--no-access-log",
-             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+            command or [DLR, "serve", "--port", str(port), "--workers", str(workers),
+                        "--no-access-log", "--log-level", "warning"],
+            env=env, stdout=subprocess.DEVNULL, cwd=HERE.parent,
+            stderr=self.log if self.log is not None else subprocess.PIPE)
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{ready}", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dlr serve did not start: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+                out = self.proc.stderr.read() if self.proc.stderr else b"(see its log)"
+                raise RuntimeError(f"server did not start: {out!r}")
             time.sleep(0.2)
 
     def worker_pids(self) -> list[int]:
@@ -168,6 +175,8 @@ class Server:
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=60)
+            if self.log is not None:
+                self.log.close()
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -242,6 +251,34 @@ def ingest_round(server: Server, db: Database, seconds: int, connections: int,
     }
 
 
+def logging_round(db: Database, seconds: int, connections: int, workdir: Path) -> dict[str, Any]:
+    """/healthz of `dlr serve` with its default logging (an access line per request, to a
+    file) against a bare FastAPI route on the same uvicorn without an access log, taken in
+    turn (bare, ours, bare) so the machine's drift weighs on both."""
+    port, bare_port = free_port(), free_port()
+    ours = Server(db.url, port, 1, command=[DLR, "serve", "--port", str(port)],
+                  log=workdir / "serve.log")
+    bare = Server(db.url, bare_port, 1, ready="/healthz", log=workdir / "bare.log", command=[
+        sys.executable, "-m", "uvicorn", "bench.bare:app", "--port", str(bare_port),
+        "--no-access-log", "--log-level", "warning"])
+    try:
+        half = max(1, seconds // 2)
+        bare_runs = [wrk(bare.url + "/healthz", "plain.lua", half, connections, {})]
+        time.sleep(SETTLE_SECONDS)
+        logged = wrk(ours.url + "/healthz", "plain.lua", seconds, connections, {})
+        time.sleep(SETTLE_SECONDS)
+        bare_runs.append(wrk(bare.url + "/healthz", "plain.lua", half, connections, {}))
+    finally:
+        ours.stop()
+        bare.stop()
+    baseline = merge(bare_runs)
+    lines = sum(1 for line in (workdir / "serve.log").open("rb") if b"uvicorn.access" in line)
+    return {"bare_rps": round(baseline.rps), "bare_p99_ms": baseline.p99_ms,
+            "rps": round(logged.rps), "ratio": round(logged.rps / baseline.rps, 2),
+            "p50_ms": logged.p50_ms, "p99_ms": logged.p99_ms, "non_200": logged.non_200,
+            "access_lines": lines, "requests": logged.requests}
+
+
 def lookup_round(server: Server, messages: int, seconds: int, connections: int,
                  workdir: Path) -> dict[str, Any]:
     import random
@@ -284,6 +321,9 @@ def run(
                       ] = 2,
     ingest: Annotated[bool, typer.Option(help="Run the ingest part (--no-ingest: lookups only)")
                       ] = True,
+    access_log: Annotated[bool, typer.Option(
+        help="Measure /healthz with the default access log against a bare FastAPI route")
+                          ] = True,
     out: Annotated[Path, typer.Option(help="Where to write the JSON results")
                    ] = HERE / "results" / "latest.json",
 ) -> None:
@@ -298,6 +338,9 @@ def run(
             db = Database(backend, workdir)
             res: dict[str, Any] = {}
             try:
+                if access_log and "logging" not in results:
+                    console.print("[bold]access log[/bold]: /healthz against a bare route")
+                    results["logging"] = logging_round(db, seconds, connections, workdir)
                 worker_counts = ([1, 2] if backend == "postgresql" else [1]) if ingest else []
                 for workers in worker_counts:
                     console.print(f"[bold]{backend}[/bold]: ingest, {workers} worker(s)")
@@ -337,6 +380,13 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as the README's table."""
     lines = ["| backend | run | /healthz req/s (its p99) | req/s | ratio | p50 / p99 ms | non-200 "
              "| exact | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lg = results.get("logging")
+    if lg:
+        lines.append(
+            f"| – | /healthz with the default access log ({lg['access_lines']:,} lines written), "
+            f"baseline: a bare FastAPI route on uvicorn, no access log | {lg['bare_rps']:,} "
+            f"({lg['bare_p99_ms']:.0f} ms) | {lg['rps']:,} | **{lg['ratio']:.2f}** | "
+            f"{lg['p50_ms']:.1f} / {lg['p99_ms']:.1f} | {lg['non_200']} | – | – |")
     for backend, res in results["backends"].items():
         for key, rounds in res.items():
             if not key.startswith("ingest_"):
@@ -370,6 +420,10 @@ def report(results: dict[str, Any]) -> None:
     for col in ("backend", "run", "req/s", "ratio", "p50 ms", "p99 ms", "non-200", "exact",
                 "peak MB"):
         table.add_column(col)
+    lg = results.get("logging")
+    if lg:
+        table.add_row("-", "healthz, access log / bare route", str(lg["rps"]), str(lg["ratio"]),
+                      f"{lg['p50_ms']:.1f}", f"{lg['p99_ms']:.1f}", str(lg["non_200"]), "-", "-")
     for backend, res in results["backends"].items():
         for key, rounds in res.items():
             if not key.startswith("ingest_"):

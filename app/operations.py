@@ -1,0 +1,34 @@
+"""/healthz, /readyz and /metrics: what probes and Prometheus ask, many times a minute."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.schemas import ErrorOut, Health
+from app.security import check_api_access
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is up (the database is not touched)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health,
+            responses={503: {"description": "database unreachable", "model": ErrorOut}})
+async def readyz(request: Request) -> Response:
+    """The database answers."""
+    await request.app.state.database.ping()
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; behind the API's access rule with DLR_RESTRICT_METRICS."""
+    if request.app.state.settings.restrict_metrics:
+        check_api_access(request)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
