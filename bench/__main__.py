@@ -32,6 +32,7 @@ from sqlalchemy import text
 from app.config import load_settings
 from app.db import make_engine
 from app.migrate import upgrade
+from bench.forwarding import forwarding_round, markdown_rows
 from bench.seed import seed
 
 HERE = Path(__file__).resolve().parent
@@ -324,6 +325,11 @@ def run(
     access_log: Annotated[bool, typer.Option(
         help="Measure /healthz with the default access log against a bare FastAPI route")
                           ] = True,
+    forwarding: Annotated[bool, typer.Option(
+        help="Measure forwarding: ingest with an endpoint, latency, drain after an outage")
+                          ] = True,
+    outage_seconds: Annotated[int, typer.Option(help="How long the forwarding sink is down")
+                              ] = 60,
     out: Annotated[Path, typer.Option(help="Where to write the JSON results")
                    ] = HERE / "results" / "latest.json",
 ) -> None:
@@ -353,6 +359,11 @@ def run(
                         ]
                     finally:
                         server.stop()
+                if forwarding:
+                    console.print(f"[bold]{backend}[/bold]: forwarding")
+                    res["forwarding"] = forwarding_round(
+                        db, Server, bracketed, free_port, seconds, connections, workdir,
+                        outage=outage_seconds)
                 if seed_messages:
                     console.print(f"[bold]{backend}[/bold]: seeding {seed_messages:,} messages")
                     started = time.monotonic()
@@ -388,6 +399,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"({lg['bare_p99_ms']:.0f} ms) | {lg['rps']:,} | **{lg['ratio']:.2f}** | "
             f"{lg['p50_ms']:.1f} / {lg['p99_ms']:.1f} | {lg['non_200']} | – | – |")
     for backend, res in results["backends"].items():
+        lines.extend(markdown_rows(backend, res))
         for key, rounds in res.items():
             if not key.startswith("ingest_"):
                 continue
