@@ -52,7 +52,8 @@ from app.schemas import (
 from app.security import require_api_access
 
 R = TypeVar("R")
-router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(require_api_access)])
+router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(require_api_access)],
+                   responses=API_ERROR_RESPONSES)
 
 
 async def get_database(request: Request) -> Database:
@@ -67,8 +68,8 @@ Limit = Annotated[int, Query(ge=1, le=1000, description="Items per page")]
 # is in the schema, so any cursor the schema allows is a valid one.
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page",
                                      pattern=r"^[0-9]{1,18}$")]
-Since = Annotated[datetime | None, Query(description="ISO 8601; inclusive")]
-Until = Annotated[datetime | None, Query(description="ISO 8601; exclusive")]
+Since = Annotated[UtcDateTime | None, Query(description="ISO 8601; inclusive")]
+Until = Annotated[UtcDateTime | None, Query(description="ISO 8601; exclusive")]
 
 
 def encode_cursor(last_id: int) -> str:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from app.schemas import invalid
+from app.schemas import API_ERROR_RESPONSES, invalid
 from app.security import require_api_access
 from app.sender import (
     BadImage,
@@ -21,7 +21,8 @@ from app.sender import (
 )
 from app.sender.media import check_image
 
-router = APIRouter(prefix="/api/v1", tags=["send"], dependencies=[Depends(require_api_access)])
+router = APIRouter(prefix="/api/v1", tags=["send"], dependencies=[Depends(require_api_access)],
+                   responses=API_ERROR_RESPONSES)
 
 
 class SendAccepted(BaseModel):
