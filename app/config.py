@@ -20,7 +20,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENV_PREFIX = "DLR_"
@@ -36,10 +42,35 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+class _OwnNamesOnly(PydanticBaseSettingsSource):
+    """The .env source without names that are not ours: one .env often serves docker
+    compose too (POSTGRES_PASSWORD=...), and such a name must not stop start-up. Unknown
+    DLR_ names still do."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.inner().items()
+                if k in self.settings_cls.model_fields or k.upper().startswith(ENV_PREFIX)}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_file=".env", extra="forbid", case_sensitive=False
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _OwnNamesOnly(dotenv_settings), file_secret_settings
 
     database_url: str = "sqlite:///./dlr.db"
     callback_token: SecretStr | None = None

@@ -87,3 +87,13 @@ def test_known_names_in_env_file_are_read(tmp_path: Path) -> None:
     env_file.write_text("DLR_DATABASE_URL=sqlite:///x.db\nDLR_BATCH_MAX_SIZE=7\n")
     s = load_settings(_env_file=env_file)
     assert (s.database_url, s.batch_max_size) == ("sqlite:///x.db", 7)
+
+
+def test_names_of_other_tools_in_env_file_are_left_alone(tmp_path: Path) -> None:
+    # One .env often serves docker compose as well: its names are not ours to refuse.
+    env_file = tmp_path / ".env"
+    env_file.write_text("POSTGRES_PASSWORD=secret\nDLR_API_KEYS=k1,k2\n")
+    assert load_settings(_env_file=env_file).api_key_values() == ["k1", "k2"]
+    env_file.write_text("POSTGRES_PASSWORD=secret\nDLR_API_KEY=k1\n")
+    with pytest.raises(SettingsError, match="^unknown setting DLR_API_KEY$"):
+        load_settings(_env_file=env_file)
