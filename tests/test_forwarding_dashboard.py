@@ -1,0 +1,66 @@
+"""The dashboard's Endpoints panel in a real headless Chromium: success rate, backlog, last
+error, and the replay button (which queues the window's events again)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, expect, sync_playwright
+from sqlalchemy import Engine, select
+
+from app.config import Settings
+from app.forwarding.queue import Outcome, record
+from app.main import create_app
+from app.models import Delivery
+
+from .forwarding_support import add_endpoint, emit, status_event
+from .helpers import make_settings
+from .server import serving_in_thread
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (make test does)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+def test_endpoints_panel_shows_health_and_replays(browser: Browser, settings: Settings,
+                                                  engine: Engine) -> None:
+    # An endpoint nobody listens on (port 9, discard): its attempts fail.
+    ep = add_endpoint(engine, "http://127.0.0.1:9/crm-hook")
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(3)])
+    with engine.begin() as conn:  # one delivered, one refused with a 500
+        first, second = conn.scalars(select(Delivery.id).order_by(Delivery.id).limit(2))
+        conn.execute(Delivery.__table__.update().values(lease_token="t"))
+        record(conn, [
+            Outcome(first, ep.id, "t", "delivered", attempted_at=status_event("x", "x")
+                    .occurred_at, status_code=200, ok=True, response="ok"),
+            Outcome(second, ep.id, "t", "failed", attempted_at=status_event("x", "x")
+                    .occurred_at, status_code=500, response="database is on fire")])
+    app = create_app(make_settings(database_url=settings.database_url,
+                                   forward_retry_schedule="3600"))
+    with serving_in_thread(app) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/dashboard")
+        row = page.locator(f"#endpoints tr[data-endpoint='{ep.id}']")
+        expect(row).to_contain_text("http://127.0.0.1:9/crm-hook")
+        expect(row).to_contain_text("50.0%")
+        expect(row).to_contain_text("database is on fire")
+        page.on("dialog", lambda d: d.accept("2"))
+        row.get_by_role("button", name="Replay…").click()
+        # m-0 (delivered) and m-1 (failed) are queued again; m-2 is still pending.
+        expect(page.locator("#endpoints-note")).to_contain_text("2 events queued")
+        page.close()
+    with engine.connect() as conn:
+        assert len(list(conn.scalars(select(Delivery.id)))) == 5
