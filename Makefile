@@ -29,10 +29,12 @@ run: $(RUN_STAMP)
 	$(BIN)/dlr serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
 
 # The dashboard's end-to-end test drives Debian's Chromium (Playwright's own browser
-# download is not used); installing it needs root, as on CI.
+# download is not used), with a colour emoji font for the replies it shows; installing them
+# needs root, as on CI.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@{ command -v chromium >/dev/null 2>&1 && dpkg -s fonts-noto-color-emoji >/dev/null 2>&1; } || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		chromium fonts-noto-color-emoji >/dev/null; }
 
 # The container tests have their own target (they need podman and take minutes).
 test: $(TEST_STAMP) browser
