@@ -236,3 +236,40 @@ async def test_endpoint_created_after_start_is_served(engine: Engine, sink: Sink
     (request,) = await asyncio.to_thread(sink.wait_for, 1)
     assert json.loads(request.body)["data"]["msg_id"] == "m-1"
     verified(request, ep.secret)
+
+
+@pytest.mark.slow
+async def test_a_failing_endpoint_is_tried_less_and_its_backlog_flows_once_it_recovers(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 500 if n < 5 else 200
+    # Retries an hour apart: only the circuit's recovery can bring them back within the test.
+    f = await forwarder(forward_concurrency="1", forward_retry_schedule="3600")
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(10)])
+    f.wake()
+    answered = await asyncio.to_thread(sink.wait_for, 15, 20.0)
+    # Five failures open the circuit: the other five events were not tried while it was
+    # open; one probe succeeded, and then all ten went through, the five failed ones early.
+    assert len(answered) == 15
+    assert len({r.webhook_id for r in answered[5:]}) == 10
+    assert await eventually(lambda: len(rows(engine, Delivery, Delivery.status == "delivered"))
+                            == 10)
+
+
+@pytest.mark.slow
+async def test_a_gone_endpoint_enabled_again_gets_its_events_by_replay(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 410 if n == 0 else 200
+    f = await forwarder(forward_concurrency="1")
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(3)])
+    f.wake()
+    assert await eventually(lambda: not rows(engine, Endpoint)[0].enabled)
+    with engine.begin() as conn:
+        endpoints.enable(conn, ep.id)
+        assert endpoints.replay(conn, ep.id, since=started,
+                                until=datetime.now(UTC) + timedelta(seconds=1)) == 3
+    f.wake()
+    got = await asyncio.to_thread(sink.wait_for, 4)
+    assert len({r.webhook_id for r in got[1:]}) == 3
