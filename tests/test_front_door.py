@@ -26,7 +26,15 @@ from app.models import Message
 from app.security import require_api_access
 from app.sender import SendRequest
 
-from .helpers import AppFactory, client_for, dlr, make_settings, record_send, wipe
+from .helpers import (
+    AppFactory,
+    client_for,
+    dlr,
+    make_settings,
+    record_send,
+    serving_in_thread,
+    wipe,
+)
 
 
 class Recorder:
@@ -157,8 +165,6 @@ async def test_an_accepted_send_is_recorded_when_the_database_fails_at_first(
     answer and the commit is retried through the write path until the record is stored."""
     from app.simulator import ProviderSimulator
 
-    from .server import serving_in_thread
-
     sim = ProviderSimulator(user="u", secret_key="k")
     real = ingest._store_send
     failures = {"left": 2}
@@ -188,8 +194,6 @@ async def test_msg_ids_are_logged_when_a_send_cannot_be_recorded(
     app_with: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     from app.simulator import ProviderSimulator
-
-    from .server import serving_in_thread
 
     def down(_conn: Any, _record: ingest.SendRecord) -> None:
         raise OperationalError("INSERT INTO sends", {}, Exception("database is down"))

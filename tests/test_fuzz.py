@@ -21,8 +21,7 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.models import Event, Rejected
 
-from .helpers import make_settings
-from .server import serving_in_thread
+from .helpers import make_settings, serving_in_thread
 
 _counter = itertools.count()
 CONTENT_TYPES = st.sampled_from([

@@ -15,8 +15,16 @@ from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
 
-from .faults import TcpCutter, sqlite_write_lock
-from .helpers import AppFactory, client_for, dlr, events, make_settings, wipe
+from .helpers import (
+    AppFactory,
+    TcpCutter,
+    client_for,
+    dlr,
+    events,
+    make_settings,
+    sqlite_write_lock,
+    wipe,
+)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The PostgreSQL tests run on a machine without PostgreSQL (tests/pg_server.py)."""
+"""The PostgreSQL tests run on a machine without PostgreSQL (tests/helpers.py starts one)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .pg_server import listening
+from .helpers import listening
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTHING_LISTENS = "postgresql://postgres@127.0.0.1:1/postgres"

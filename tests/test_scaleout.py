@@ -19,7 +19,7 @@ import pytest
 
 from app.notifications import STATUS_EXTENDED_MEANING
 
-from .server import running_server
+from .helpers import running_server
 
 MESSAGES = 60
 CONCURRENCY = 24

@@ -16,8 +16,7 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.simulator import ProviderSimulator
 
-from .helpers import make_settings
-from .server import serving_in_thread
+from .helpers import make_settings, serving_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from starlette.requests import Request
 
 from app.config import IPNetwork
 from app.security import client_ip
 
-AppFactory = Callable[..., Awaitable[FastAPI]]
+from .helpers import AppFactory, client_for
+
 NETS = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8")]
 
 
@@ -23,11 +21,6 @@ def request_from(peer: str, *xff: str, other: tuple[str, str] | None = None) -> 
         headers.append((other[0].encode(), other[1].encode()))
     return Request({"type": "http", "method": "GET", "path": "/", "headers": headers,
                     "client": (peer, 40000), "query_string": b""})
-
-
-def client(app: FastAPI, peer: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(peer, 40000)),
-                             base_url="http://testserver")
 
 
 @pytest.mark.parametrize(("peer", "xff", "trusted", "expected"), [
@@ -66,7 +59,7 @@ async def test_a_same_host_proxy_without_client_address_is_not_loopback(
     app_with: AppFactory,
 ) -> None:
     app = await app_with(trusted_proxies="127.0.0.1/32")
-    async with client(app, "127.0.0.1") as proxy:
+    async with client_for(app, "127.0.0.1") as proxy:
         refused = [
             await proxy.get("/api/v1/rejected"),
             await proxy.get("/api/v1/stats", headers={"X-Forwarded-For": ""}),
@@ -79,7 +72,7 @@ async def test_a_same_host_proxy_without_client_address_is_not_loopback(
 
 async def test_an_unconfigured_same_host_proxy_is_not_loopback(app_with: AppFactory) -> None:
     app = await app_with()
-    async with client(app, "127.0.0.1") as local:
+    async with client_for(app, "127.0.0.1") as local:
         assert (await local.get("/api/v1/stats")).status_code == 200  # a local user
         forwarded = await local.get("/api/v1/rejected", headers={"X-Forwarded-For": ""})
         assert forwarded.status_code == 403
@@ -90,7 +83,7 @@ async def test_allow_list_behind_a_proxy_needs_the_client_address(
 ) -> None:
     app = await app_with(callback_allowed_ips="203.0.113.0/24", trusted_proxies="10.0.0.0/8")
     params = {"type": "seen", "msg_id": "p1"}
-    async with client(app, "10.1.2.3") as proxy:
+    async with client_for(app, "10.1.2.3") as proxy:
         ok = await proxy.get("/dlr", params=params, headers={"X-Forwarded-For": "203.0.113.9"})
         no_header = await proxy.get("/dlr", params=params)
         empty = await proxy.get("/dlr", params=params, headers={"X-Forwarded-For": ""})

@@ -26,8 +26,7 @@ from app.models import Send
 from app.sender import SendRequest, SendResult, standalone_sender
 from app.simulator import EmitterSettings, ProviderSimulator
 
-from .helpers import count, events, make_settings
-from .server import free_port, serving_in_thread
+from .helpers import count, events, free_port, make_settings, serving_in_thread
 
 USER, SECRET = "partner", "s3cret-key"
 

@@ -16,8 +16,7 @@ from sqlalchemy import Engine
 
 from app.config import Settings
 
-from .helpers import UUID_B, events
-from .server import running_server
+from .helpers import UUID_B, events, running_server
 
 
 def test_serve_migrates_a_new_sqlite_file_and_answers(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from app.notifications import interpret
 from app.sender.answers import parse_bulk_answer, parse_upload_answer
 from app.simulator import DlrEmitter, EmitterSettings, ProviderSimulator
 
-from .server import DLR, free_port, serving_in_thread
+from .helpers import DLR, free_port, serving_in_thread
 
 BULOK = "Съешь еще этих французских булок"
 PHONE_A, PHONE_B = "79031234567", "79165557755"

@@ -127,8 +127,7 @@ def test_timeline_conforms_to_its_schema(sqlite_url: str) -> None:
     from app.main import create_app
     from app.migrate import upgrade
 
-    from .helpers import make_settings
-    from .server import serving_in_thread
+    from .helpers import make_settings, serving_in_thread
 
     settings = make_settings(database_url=sqlite_url)
     engine = make_engine(settings)
