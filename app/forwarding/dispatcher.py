@@ -308,6 +308,11 @@ class Forwarder:
             if lane is None:  # gone meanwhile: hand the claims back
                 self._outcomes.extend(_released(c) for c in claims)
                 continue
+            if lane.circuit_allows(time.monotonic()) == 0:
+                # The circuit opened while this claim was made: hand it back at once rather
+                # than hold it until the lease runs out.
+                self._outcomes.extend(_released(c) for c in claims)
+                continue
             lane.exhausted = len(claims) < asked
             deadline = started + lease - LEASE_MARGIN
             lane.buffer.extend((c, deadline) for c in claims)

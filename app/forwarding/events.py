@@ -119,6 +119,12 @@ def enqueue(conn: Connection, events: Sequence[ForwardEvent]) -> int:
     caller's transaction (the caller commits). Returns how many deliveries were created."""
     if not events or not has_endpoints(conn):
         return 0
+    return _write(conn, events)
+
+
+def _write(conn: Connection, events: Sequence[ForwardEvent]) -> int:
+    """The fan-out itself; it takes only enabled, matching endpoints, so it is right even
+    without the `has_endpoints` check (which only saves the work when none listens)."""
     now = utcnow()
     if conn.dialect.name == "postgresql":
         batch = json.dumps([
@@ -149,7 +155,9 @@ class Outbox:
         return has_endpoints(conn)
 
     def enqueue(self, conn: Connection, changes: Sequence[Any]) -> int:
-        return enqueue(conn, [from_change(c) for c in changes])
+        # The write path asked `active` in this same transaction just before (it only has
+        # changes when it did), so the check is not repeated.
+        return _write(conn, [from_change(c) for c in changes]) if changes else 0
 
 
 def from_change(change: Any) -> ForwardEvent:
