@@ -37,6 +37,7 @@ from app.db import utcnow
 from app.forwarding import endpoints, queue
 from app.forwarding.guard import make_client
 from app.forwarding.queue import DELIVERED, FAILED, PENDING, Claim, Outcome
+from app.forwarding.signing import sign
 from app.models import Endpoint
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ JITTER = 0.2                # each retry delay is stretched or shrunk by up to 2
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    url: str
+    url: httpx.URL  # parsed once: httpx parses a string URL on every request otherwise
     keys: tuple[bytes, ...]
 
 
@@ -282,7 +283,8 @@ class Forwarder:
 
     def _targets(self, conn: Any, now: datetime) -> dict[str, Target]:
         rows = conn.execute(select(Endpoint.__table__).where(Endpoint.__table__.c.enabled))
-        return {r.id: Target(r.url, tuple(endpoints.signing_keys(r, now))) for r in rows}
+        return {r.id: Target(httpx.URL(r.url), tuple(endpoints.signing_keys(r, now)))
+                for r in rows}
 
     # --- applying a round (on the event loop) --------------------------------------------
 
@@ -363,8 +365,6 @@ class Forwarder:
 
     async def _attempt(self, lane: Lane, claim: Claim) -> None:
         assert self._client is not None
-        from app.forwarding.signing import sign
-
         attempted_at = utcnow()
         timestamp = int(time.time())
         headers = {
