@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from sqlalchemy import Engine
 from starlette.requests import Request
 
 from app.config import IPNetwork
 from app.security import client_ip
 
-from .helpers import AppFactory, client_for
+from .helpers import AppFactory, client_for, events
 
 NETS = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8")]
 
@@ -79,7 +80,7 @@ async def test_an_unconfigured_same_host_proxy_is_not_loopback(app_with: AppFact
 
 
 async def test_allow_list_behind_a_proxy_needs_the_client_address(
-    app_with: AppFactory,
+    app_with: AppFactory, engine: Engine,
 ) -> None:
     app = await app_with(callback_allowed_ips="203.0.113.0/24", trusted_proxies="10.0.0.0/8")
     params = {"type": "seen", "msg_id": "p1"}
@@ -89,3 +90,4 @@ async def test_allow_list_behind_a_proxy_needs_the_client_address(
         empty = await proxy.get("/dlr", params=params, headers={"X-Forwarded-For": ""})
         inner = await proxy.get("/dlr", params=params, headers={"X-Forwarded-For": "10.9.9.9"})
     assert [r.status_code for r in (ok, no_header, empty, inner)] == [200, 403, 403, 403]
+    assert events(engine) == 1  # the allowed one is stored; the refused ones are not

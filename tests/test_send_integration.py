@@ -227,7 +227,11 @@ def test_upload_real_images(stack: Stack, name: str, data: bytes) -> None:
     # The image_id then sends as a picture message.
     sent = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"],
                                                     "image_id": image_id})
-    assert sent.status_code == 200
+    assert sent.status_code == 200, sent.text
+    assert stack.sim.requests[-1]["image_id"] == [image_id]
+    assert "txt" not in stack.sim.requests[-1]
+    [msg_id] = sent.json()["msg_ids"].values()
+    assert stack.api.get(f"/api/v1/messages/{msg_id}").json()["kind"] == "picture"
 
 
 def test_upload_refusals(stack: Stack) -> None:
@@ -288,6 +292,8 @@ def test_cli_send_and_upload_one(settings: Settings, engine: Engine, tmp_path: P
                                    "--image-id", image_id], env=env)
         assert sent.exit_code == 0, sent.output
         assert "accepted" in sent.stdout
+        assert s.sim.requests[-1]["image_id"] == [image_id]
+        assert s.sim.requests[-1]["from"] == ["Shop"]
         not_image = tmp_path / "notes.png"
         not_image.write_text("hello")
         bad = runner.invoke(cli, ["upload", str(not_image)], env=env)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 from urllib.parse import parse_qsl
 
 import pytest
 from pydantic import ValidationError
 
+from app.sender import signing
 from app.sender.answers import (
     MalformedAnswer,
     parse_bulk_answer,
@@ -19,6 +21,17 @@ from app.sender.messages import Kind, SendRequest
 from app.sender.signing import sign_send, sign_upload
 
 BULOK = "Съешь еще этих французских булок"
+PHONE, PHONE_2 = "79031234567", "79165557755"
+# The vendor's account in ../shared/signature-vectors.md, and its signatures.
+VENDOR = {"user": "hitfm", "secret_key": "test_key"}
+SIGN_ONE_PHONE = "29def94e0f987855bbf4407e93b088d7"
+SIGN_TWO_PHONES = "f7d36db5c9966c6200de7c8f3dcc890a"
+SIGN_NO_TXT = "10302fcc22e9c3a36a4f064a15695972"
+# The vendor's GET example, exactly as published there.
+VENDOR_EXAMPLE = (
+    "user=hitfm&from=HitFM&phone=79031234567&txt=%D0%A1%D1%8A%D0%B5%D1%88%D1%8C%20%D0%B5%D1%89"
+    "%D0%B5%20%D1%8D%D1%82%D0%B8%D1%85%20%D1%84%D1%80%D0%B0%D0%BD%D1%86%D1%83%D0%B7%D1%81%D0%BA"
+    "%D0%B8%D1%85%20%D0%B1%D1%83%D0%BB%D0%BE%D0%BA&sign=29def94e0f987855bbf4407e93b088d7")
 
 # ../shared/signature-vectors.md, every row.
 SEND_VECTORS = [
@@ -38,24 +51,38 @@ def test_send_signature_vectors(user: str, sender: str, phones: list[str], txt: 
 
 
 def test_vendor_get_example_body_is_reproduced() -> None:
-    req = SendRequest(phone=["79031234567"], txt=BULOK, **{"from": "HitFM"},
-                      p_transaction_id="x")
-    pairs = parse_qsl(req.form_body(user="hitfm", secret_key="test_key").decode())
-    assert ("sign", "29def94e0f987855bbf4407e93b088d7") in pairs
-    assert ("txt", BULOK) in pairs
+    req = SendRequest.model_validate({"phone": [PHONE], "txt": BULOK, "from": "HitFM",
+                                      "p_transaction_id": "x"})
+    pairs = parse_qsl(req.form_body(**VENDOR).decode())
+    published = parse_qsl(VENDOR_EXAMPLE)
+    # Every published parameter, in the published order, with the published signature; the
+    # others (sending_method, dlr, p_transaction_id) are not signed.
+    names = {name for name, _ in published}
+    assert [pair for pair in pairs if pair[0] in names] == published
+    assert ("txt", BULOK) in pairs and dict(pairs)["sign"] == SIGN_ONE_PHONE
 
 
-def test_upload_signature_both_spellings() -> None:
-    # The document's example: md5(login + UPPER-CASE inner md5 + key).
-    inner = "03806EA9F48D2A9196C1CEAAED832EC6"
-    assert hashlib.md5(f"onvUser{inner}4GD2dh5FAa032".encode()).hexdigest() == \
-        "442565d4f64e01ad93543fe764c0b03f"
-    data = b"\x89PNG\r\n\x1a\nfake"
-    lower = sign_upload(login="u", image=data, secret_key="k")
-    upper = sign_upload(login="u", image=data, secret_key="k", uppercase_inner=True)
-    md5 = hashlib.md5(data).hexdigest()
-    assert lower == hashlib.md5(f"u{md5}k".encode()).hexdigest()
-    assert upper == hashlib.md5(f"u{md5.upper()}k".encode()).hexdigest()
+def test_upload_signature_matches_the_documents_example(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """API §3: sign = md5(onvUser + 03806EA9F48D2A9196C1CEAAED832EC6 + 4GD2dh5FAa032), giving
+    442565d4... (../shared/signature-vectors.md). The document publishes the file's md5, not
+    the file, so a file whose md5 is that one stands in for it."""
+    image = b"the document's example image"
+    real = hashlib
+
+    def md5(data: bytes) -> object:
+        if data == image:
+            return SimpleNamespace(hexdigest=lambda: "03806ea9f48d2a9196c1ceaaed832ec6")
+        return real.md5(data)
+
+    monkeypatch.setattr(signing, "hashlib", SimpleNamespace(md5=md5))
+    # The document writes the inner hash in upper case: that spelling gives its signature.
+    assert sign_upload(login="onvUser", image=image, secret_key="4GD2dh5FAa032",
+                       uppercase_inner=True) == "442565d4f64e01ad93543fe764c0b03f"
+    # The default is the vendor samples' lower case (PHP's md5_file): another signature.
+    lower = sign_upload(login="onvUser", image=image, secret_key="4GD2dh5FAa032")
+    assert lower != "442565d4f64e01ad93543fe764c0b03f"
+    assert len(lower) == 32 and lower == lower.lower()
 
 
 def build(**fields: object) -> SendRequest:
@@ -129,11 +156,11 @@ def test_a_default_sender_is_held_to_the_same_characters() -> None:
 
 
 def test_delay_goes_out_unsigned_and_sending_method_always_goes_out() -> None:
-    req = build(txt="hi", delay=90, p_transaction_id="p1")
-    pairs = parse_qsl(req.form_body(user="u", secret_key="k").decode())
+    # The vendor's example with a delay: still the example's published signature.
+    req = build(txt=BULOK, delay=90, p_transaction_id="p1", **{"from": "HitFM"})
+    pairs = parse_qsl(req.form_body(**VENDOR).decode())
     assert ("delay", "90") in pairs and ("sending_method", "viber") in pairs
-    assert dict(pairs)["sign"] == sign_send(user="u", sender="Shop", phones=["79031234567"],
-                                            txt="hi", secret_key="k")
+    assert dict(pairs)["sign"] == SIGN_ONE_PHONE
     no_delay = parse_qsl(build(txt="hi", sending_method="sms").form_body(
         user="u", secret_key="k").decode())
     assert "delay" not in dict(no_delay) and ("sending_method", "sms") in no_delay
@@ -149,33 +176,33 @@ def test_delay_in_a_json_body_is_minutes() -> None:
 
 
 def test_form_body_repeats_phones_in_order_and_asks_for_dlrs() -> None:
-    req = build(txt="hi", phone=["79031234567", "79165557755"], p_transaction_id="p1")
-    pairs = parse_qsl(req.form_body(user="u", secret_key="k").decode())
-    assert [v for k, v in pairs if k == "phone"] == ["79031234567", "79165557755"]
+    req = build(txt=BULOK, phone=[PHONE, PHONE_2], p_transaction_id="p1", **{"from": "HitFM"})
+    pairs = parse_qsl(req.form_body(**VENDOR).decode())
+    assert [v for k, v in pairs if k == "phone"] == [PHONE, PHONE_2]
     assert ("dlr", "1") in pairs and ("sending_method", "viber") in pairs
-    assert dict(pairs)["sign"] == sign_send(user="u", sender="Shop",
-                                            phones=["79031234567", "79165557755"], txt="hi",
-                                            secret_key="k")
+    assert dict(pairs)["sign"] == SIGN_TWO_PHONES  # the vendor's two-phone example
 
 
 @pytest.mark.parametrize(("charset", "codec"), [("CP1251", "cp1251"), ("UCS-2", "utf-16-be"),
                                                 ("UTF-16BE", "utf-16-be"), ("utf8", "utf-8")])
 def test_charset_text_is_sent_and_signed_as_those_bytes(charset: str, codec: str) -> None:
-    req = build(txt=BULOK, charset=charset, p_transaction_id="p")
-    body = req.form_body(user="u", secret_key="k").decode("ascii")
+    req = build(txt=BULOK, charset=charset, p_transaction_id="p", **{"from": "HitFM"})
+    body = req.form_body(**VENDOR).decode("ascii")
     pairs = dict(parse_qsl(body, encoding="latin-1"))
     sent = pairs["txt"].encode("latin-1")
     assert sent == BULOK.encode(codec)
-    assert pairs["sign"] == sign_send(user="u", sender="Shop", phones=["79031234567"],
-                                      txt=BULOK.encode(codec), secret_key="k")
+    # sign_send is pinned to the published vectors above; here: it signs the bytes sent.
+    assert pairs["sign"] == sign_send(user="hitfm", sender="HitFM", phones=[PHONE],
+                                      txt=BULOK.encode(codec), secret_key="test_key")
+    # In UTF-8 those bytes are the vendor's example; in another charset they are not.
+    assert (pairs["sign"] == SIGN_ONE_PHONE) is (codec == "utf-8")
 
 
 def test_picture_only_is_signed_without_txt() -> None:
-    req = build(image_id="IMG", p_transaction_id="p")
-    pairs = dict(parse_qsl(req.form_body(user="hitfm", secret_key="test_key").decode()))
+    req = build(image_id="IMG", p_transaction_id="p", **{"from": "HitFM"})
+    pairs = dict(parse_qsl(req.form_body(**VENDOR).decode()))
     assert "txt" not in pairs
-    assert pairs["sign"] == sign_send(user="hitfm", sender="Shop", phones=["79031234567"],
-                                      txt=None, secret_key="test_key")
+    assert pairs["sign"] == SIGN_NO_TXT  # the vectors' "formula without txt" row
 
 
 def test_parse_the_documents_answers() -> None:

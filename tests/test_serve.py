@@ -42,6 +42,7 @@ def test_forwarded_for_is_not_believed_from_loopback(tmp_path: Path) -> None:
         r = httpx.get(f"{url}/dlr", params={"type": "seen", "msg_id": "x"},
                       headers={"X-Forwarded-For": "203.0.113.5"})
         assert r.status_code == 403
+        assert httpx.get(f"{url}/api/v1/messages/x").status_code == 404  # nothing stored
 
 
 def test_two_workers_share_the_database(settings: Settings, engine: Engine) -> None:

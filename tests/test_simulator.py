@@ -8,7 +8,6 @@ vendor code."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import http.client
 import random
 import socket
@@ -28,6 +27,7 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.notifications import interpret
 from app.sender.answers import parse_bulk_answer, parse_upload_answer
+from app.sender.signing import sign_send, sign_upload
 from app.simulator import DlrEmitter, EmitterSettings, ProviderSimulator
 
 from .helpers import DLR, free_port, serving_in_thread
@@ -144,7 +144,11 @@ def test_cp1251_text_is_checked_as_the_bytes_that_were_signed(
         served: tuple[ProviderSimulator, str]) -> None:
     sim, url = served
     raw_txt = BULOK.encode("cp1251")
-    sign = hashlib.md5(b"hitfmHitFM" + PHONE_A.encode() + raw_txt + b"test_key").hexdigest()
+    # sign_send is pinned to the published vectors (tests/test_sender.py); signed over the
+    # CP1251 bytes, it is not the vendor's UTF-8 example.
+    sign = sign_send(user="hitfm", sender="HitFM", phones=[PHONE_A], txt=raw_txt,
+                     secret_key="test_key")
+    assert sign != SIGN_ONE_PHONE
     body = (f"user=hitfm&from=HitFM&phone={PHONE_A}&txt={quote_plus(raw_txt)}&charset=CP1251"
             f"&sending_method=sms&sign={sign}").encode()
     status, answer_body = replay(url, b"POST / HTTP/1.1\r\nHost: " + host_of(url)
@@ -157,10 +161,12 @@ def test_cp1251_text_is_checked_as_the_bytes_that_were_signed(
 # --- refusals, as the document words them ------------------------------------------------------
 
 def signed(fields: dict[str, str], *, key: str = "test_key") -> dict[str, str]:
-    """The fields with the signature of section 1.3, computed here from the formula."""
-    base = fields["user"] + fields.get("from", "") + fields.get("phone", "") \
-        + fields.get("txt", "") + key
-    return fields | {"sign": hashlib.md5(base.encode()).hexdigest()}
+    """The fields with the signature of section 1.3, from the send module's `sign_send`
+    (pinned to the published vectors in tests/test_sender.py; GOOD's is the vendor's own)."""
+    sign = sign_send(user=fields["user"], sender=fields.get("from", ""),
+                     phones=[fields["phone"]] if "phone" in fields else [],
+                     txt=fields.get("txt"), secret_key=key)
+    return fields | {"sign": sign}
 
 
 @pytest.fixture
@@ -171,11 +177,16 @@ async def sim_client() -> AsyncIterator[tuple[ProviderSimulator, httpx.AsyncClie
         yield sim, client
 
 
-GOOD = {"user": "hitfm", "from": "HitFM", "phone": PHONE_A, "txt": "hello"}
+# The vendor's GET example's fields (../shared/signature-vectors.md).
+GOOD = {"user": "hitfm", "from": "HitFM", "phone": PHONE_A, "txt": BULOK}
+
+
+def test_the_good_request_is_the_vendors_example() -> None:
+    assert signed(GOOD)["sign"] == SIGN_ONE_PHONE
 
 
 @pytest.mark.parametrize(("fields", "code", "tech_message"), [
-    (signed(GOOD), 0, "OK"),
+    (GOOD | {"sign": SIGN_ONE_PHONE}, 0, "OK"),
     (signed(GOOD | {"sending_method": ""}), 0, "OK"),  # blank counts as not sent: SMS
     ({k: v for k, v in signed(GOOD).items() if k != "from"}, -1, "PARAM ERROR (from)"),
     ({k: v for k, v in signed(GOOD).items() if k != "user"}, -1, "PARAM ERROR (user)"),
@@ -342,9 +353,8 @@ async def test_a_delayed_send_reports_only_after_its_delay() -> None:
 # --- uploads: strict signature, 10 MB ----------------------------------------------------------
 
 def upload_sign(data: bytes, *, upper: bool, login: str = "hitfm") -> str:
-    inner = hashlib.md5(data).hexdigest()
-    inner = inner.upper() if upper else inner
-    return hashlib.md5(f"{login}{inner}test_key".encode()).hexdigest()
+    # sign_upload is pinned to the API document's example in tests/test_sender.py.
+    return sign_upload(login=login, image=data, secret_key="test_key", uppercase_inner=upper)
 
 
 async def upload(sim: ProviderSimulator, data: bytes, sign: str, *,

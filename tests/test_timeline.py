@@ -61,6 +61,44 @@ async def test_timeline_totals_equal_stats(client: httpx.AsyncClient, engine: En
     assert len(points) == len({start for start, _ in expected})
 
 
+AT = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("bucket", "expected"), [
+    (900, {(AT, "delivery"): 1, (AT, "seen"): 1, (AT.replace(minute=15), "reply"): 1,
+           (AT.replace(minute=30), "delivery"): 1, (AT.replace(minute=45), "seen"): 1}),
+    (60, {(AT, "delivery"): 1, (AT.replace(minute=14), "seen"): 1,
+          (AT.replace(minute=15), "reply"): 1, (AT.replace(minute=44), "delivery"): 1,
+          (AT.replace(minute=59), "seen"): 1}),
+])
+async def test_buckets_start_at_whole_multiples_of_their_length(
+    client: httpx.AsyncClient, engine: Engine, bucket: int,
+    expected: dict[tuple[datetime, str], int],
+) -> None:
+    """Known times in known buckets, written out by hand (the API's documented rule: buckets
+    start at whole multiples of bucket_seconds since the epoch)."""
+    received = [
+        (AT, "delivery"),
+        (AT + timedelta(minutes=14, seconds=59.9), "seen"),  # just before an edge
+        (AT + timedelta(minutes=15), "reply"),  # on an edge: the later bucket
+        (AT + timedelta(minutes=44, seconds=30), "delivery"),
+        (AT + timedelta(minutes=59, seconds=59), "seen"),
+        (AT - timedelta(seconds=1), "delivery"),  # before the window
+        (AT + timedelta(hours=1, seconds=1), "delivery"),  # after it
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(Event), [
+            {"dedupe_key": f"b{i:030d}", "msg_key": f"m{i}", "type": type_, "received_at": at,
+             "unknown_status_extended": False} for i, (at, type_) in enumerate(received)])
+    r = await client.get("/api/v1/timeline", params={
+        "since": AT.isoformat(), "until": (AT + timedelta(hours=1)).isoformat(),
+        "bucket_seconds": str(bucket)})
+    assert r.status_code == 200, r.text
+    got = {(datetime.fromisoformat(p["t"]), t): p[t] for p in r.json()["points"]
+           for t in TYPES if p[t]}
+    assert got == expected
+
+
 async def test_a_date_without_a_zone_is_utc(client: httpx.AsyncClient, engine: Engine) -> None:
     now = datetime.now(UTC)
     yesterday = (now - timedelta(days=1)).date()
