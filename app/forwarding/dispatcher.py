@@ -137,7 +137,14 @@ class Forwarder:
         again only once no one can still be sending it."""
         self._closing = True
         if self._task is not None:
-            self._task.cancel()
+            # Let a round in progress finish (cancelling it would leave its claims leased
+            # until the lease runs out); the loop then stops before starting another.
+            if self._wake is not None:
+                self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.settings.db_timeout + 5)
+            except TimeoutError:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._sends:
             await asyncio.wait(self._sends, timeout=min(self.timeout, 10.0))
