@@ -82,12 +82,24 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url=database_url)
 
 
+@pytest.fixture(scope="session")
+def engines() -> Iterator[dict[str, Engine]]:
+    """One engine per database for the whole session (a new one per test cost a connection
+    each time); its pool pings before use, so tests that end every connection do no harm."""
+    made: dict[str, Engine] = {}
+    yield made
+    for eng in made.values():
+        eng.dispose()
+
+
 @pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    eng = make_engine(settings)
+def engine(settings: Settings, engines: dict[str, Engine]) -> Engine:
+    """The test's database, emptied."""
+    if settings.database_url not in engines:
+        engines[settings.database_url] = make_engine(settings)
+    eng = engines[settings.database_url]
     wipe(eng)
-    yield eng
-    eng.dispose()
+    return eng
 
 
 @pytest.fixture

@@ -91,9 +91,15 @@ def make_settings(**values: Any) -> Settings:
 
 
 def wipe(engine: Engine) -> None:
+    """Empty every table; on PostgreSQL the ids start again at 1, as on an emptied SQLite."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
+            # DELETE and a sequence reset, not TRUNCATE: TRUNCATE gives every table and index
+            # new files, about 100 ms a test here (30 s of the quick run), against 5 ms.
+            conn.execute(text("; ".join(f"DELETE FROM {table}" for table in TABLES)))
+            conn.execute(text(
+                "SELECT setval(format('%I', sequencename)::regclass, 1, false) "
+                "FROM pg_sequences WHERE schemaname = current_schema()")).all()
         else:
             for table in TABLES:
                 conn.execute(text(f"DELETE FROM {table}"))

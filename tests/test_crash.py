@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import Engine, text
 
 from app.config import Settings
@@ -24,6 +25,8 @@ from .helpers import DLR, free_port
 
 BURST = 3000
 CONCURRENCY = 64
+# Each test runs real servers through bursts of thousands of callbacks (15-20 s each).
+pytestmark = pytest.mark.slow
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from app.config import Settings
@@ -92,6 +93,7 @@ def test_dockerignore_keeps_the_venv_databases_and_secrets_out_of_the_build() ->
                    for p in patterns if not p.startswith("!")), path
 
 
+@pytest.mark.slow  # starts `dlr serve` as a subprocess (about 2 s)
 def test_the_image_entrypoint_serves_outside_a_container(tmp_path: Path) -> None:
     entry = json.loads(dockerfile_instruction("ENTRYPOINT")[-1])
     assert entry[:2] == ["dlr", "serve"]

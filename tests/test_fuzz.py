@@ -24,6 +24,8 @@ from app.models import Event, Rejected
 
 from .helpers import make_settings, serving_in_thread
 
+# 200 generated requests per test to a real server (about 9 s each).
+pytestmark = pytest.mark.slow
 _counter = itertools.count()
 CONTENT_TYPES = st.sampled_from([
     None, "application/x-www-form-urlencoded", "application/json", "text/plain",

@@ -53,6 +53,7 @@ def outage(settings: Settings, backend: str) -> Iterator[tuple[dict, AbstractCon
         cutter.close()
 
 
+@pytest.mark.slow  # waits out the database timeout 60 times (over 1 s on PostgreSQL)
 async def test_database_away_gives_503_and_recovery_needs_no_restart(
     app_with: AppFactory, engine: Engine, backend: str, outage: tuple  # type: ignore[type-arg]
 ) -> None:

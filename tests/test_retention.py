@@ -74,7 +74,7 @@ async def test_dry_run_counts_per_table_and_deletes_nothing(
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("would delete before ")
     assert result.stdout.rstrip().endswith(
-        ": 4 events, 1 rejected, 0 sends, 2 messages")
+        ": 0 deliveries, 0 outbound_events, 4 events, 1 rejected, 0 sends, 2 messages")
     assert kept(engine) == (5, 3, 1)
 
 
@@ -87,7 +87,8 @@ async def test_without_a_terminal_purge_needs_yes(
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("error: would delete 4 events, 1 rejected, 0 sends, 2 messages")
+    assert lines[0].startswith("error: would delete 0 deliveries, 0 outbound_events, 4 events, "
+                               "1 rejected, 0 sends, 2 messages")
     assert "--yes" in lines[0] and "--dry-run" in lines[0]
     assert kept(engine) == (5, 3, 1)
 
@@ -103,7 +104,8 @@ async def test_at_a_terminal_purge_asks_first(
     result = CliRunner().invoke(cli, ["purge", "--older-than", "90d"], input=answer,
                                 env={"DLR_DATABASE_URL": settings.database_url})
     assert result.exit_code == exit_code, result.output
-    assert "delete 4 events, 1 rejected, 0 sends, 2 messages" in result.stderr
+    assert ("delete 0 deliveries, 0 outbound_events, 4 events, 1 rejected, 0 sends, 2 messages"
+            in result.stderr)
     assert kept(engine) == left
 
 

@@ -18,6 +18,9 @@ from app.simulator import ProviderSimulator
 
 from .helpers import make_settings, serving_in_thread
 
+# Schemathesis runs every operation 40 times against two real servers (about 8 s).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[schemathesis.BaseSchema]:

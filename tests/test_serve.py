@@ -18,6 +18,9 @@ from app.config import Settings
 
 from .helpers import UUID_B, events, running_server
 
+# Every test starts `dlr serve` as a subprocess (1.5 s to 4.5 s each).
+pytestmark = pytest.mark.slow
+
 
 def test_serve_migrates_a_new_sqlite_file_and_answers(tmp_path: Path) -> None:
     env = {"DLR_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}"}
@@ -166,7 +169,6 @@ def test_an_endless_header_is_cut_off_early(tmp_path: Path) -> None:
             assert sock.recv(65536).startswith(b"HTTP/1.1 431 ")
 
 
-@pytest.mark.slow
 def test_pipelining_does_not_bypass_the_head_deadline(tmp_path: Path) -> None:
     with running_server(_env(tmp_path, callback_read_timeout="0.5")) as (url, _), \
             _connect(url) as pipelined, _connect(url) as blank_lines:
@@ -191,7 +193,6 @@ def test_pipelining_does_not_bypass_the_head_deadline(tmp_path: Path) -> None:
         assert not open_ones, f"still open after 10 s: {sorted(open_ones)}"
 
 
-@pytest.mark.slow
 def test_answers_sent_before_the_body_is_in_close_the_connection(tmp_path: Path) -> None:
     env = _env(tmp_path, callback_token="s3cret", callback_read_timeout="1",
                max_callback_bytes="2048")
@@ -223,7 +224,6 @@ def test_answers_sent_before_the_body_is_in_close_the_connection(tmp_path: Path)
                 assert (status, headers.get("connection")) == (403, None)
 
 
-@pytest.mark.slow
 def test_a_client_that_keeps_sending_after_a_refusal_is_cut_off(tmp_path: Path) -> None:
     # After an early answer the server drops the rest of the body for a short while (so that
     # the answer is not destroyed by a reset), then closes even if the client goes on.
