@@ -136,9 +136,13 @@ async def get_message(request: Request, msg_id: str) -> Response:
     return Response(message.model_dump_json(), media_type="application/json")
 
 
-# The hot read: registered like every /api route (access rule included), without FastAPI's
-# per-request dependency solving (app/routing.py).
-router.add_api_route(
+# The hot read: a route like every /api route (access rule included, with the router's
+# prefix, dependencies and error answers), without FastAPI's per-request dependency solving
+# (app/routing.py). In a router of its own so that the app can put it at the head of its
+# routes (app/main.py).
+lookup_router = APIRouter(prefix=router.prefix, tags=router.tags,
+                          dependencies=router.dependencies, responses=router.responses)
+lookup_router.add_api_route(
     "/messages/{msg_id:path}", get_message, methods=["GET"], response_model=MessageOut,
     responses={404: {"description": "unknown msg_id", "model": ErrorOut}},
     route_class_override=DirectRoute)

@@ -202,6 +202,14 @@ def _time_binder(dialect: Any) -> Callable[[Any], Any]:
     return UTCDateTime().bind_processor(dialect) or (lambda v: v)
 
 
+def _row(values: dict[str, Any], names: tuple[str, ...], bind_time: Callable[[Any], Any]
+         ) -> tuple[Any, ...]:
+    """A row tuple in the columns' order; times as the dialect stores them, absent
+    columns NULL."""
+    return tuple(bind_time(v) if isinstance(v, datetime) else v
+                 for v in map(values.get, names))
+
+
 # --- message rows -----------------------------------------------------------------------------
 
 def event_row(n: Notification) -> dict[str, Any]:
@@ -297,9 +305,7 @@ def upsert_messages(conn: Connection, rows: list[tuple[dict[str, Any], Notificat
     for part in _rounds(rows):
         # Sorted keys make concurrent writers (replicas) lock rows in the same order.
         part.sort(key=lambda r: r[0]["msg_key"])
-        values = [tuple(t(v) if isinstance(v, datetime) else v
-                        for v in (values.get(name) for name in _MESSAGE_NAMES))
-                  for values, _ in part]
+        values = [_row(values, _MESSAGE_NAMES, t) for values, _ in part]
         returned = _bulk_insert(conn, "messages", MESSAGE_COLUMNS, values, tail)
         if returning:
             by_key = {r[0]: r for r in returned}
@@ -358,9 +364,7 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
 
     if first:
         t = _time_binder(conn.dialect)
-        rows = [tuple(t(v) if isinstance(v, datetime) else v
-                      for v in (event_row(n)[name] for name in _EVENT_NAMES))
-                for n in first.values()]
+        rows = [_row(event_row(n), _EVENT_NAMES, t) for n in first.values()]
         inserted = {r[0] for r in _bulk_insert(
             conn, "events", EVENT_COLUMNS, rows,
             "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")}

@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.params import Depends
 from fastapi.routing import APIRoute
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 Endpoint = Callable[..., Awaitable[Response]]
 
@@ -45,7 +46,23 @@ def _takes_argument(fn: Callable[..., Any]) -> bool:
 
 
 class DirectRoute(APIRoute):
-    """An APIRoute whose endpoint is called as `endpoint(request, **path_params)`."""
+    """An APIRoute whose endpoint is called as `endpoint(request, **path_params)`.
+
+    Its ASGI app is the bare request-response cycle: no exit stacks for dependencies with
+    `yield` (it solves none) and no exception wrapper of its own. An exception goes up to the
+    app's ExceptionMiddleware and error handlers like any other route's (profiled: the three
+    wrappers cost a callback about a tenth of its time in the event loop).
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        handler = self.get_route_handler()
+
+        async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+            response = await handler(Request(scope, receive, send))
+            await response(scope, receive, send)
+
+        self.app = serve
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Endpoint = self.endpoint
