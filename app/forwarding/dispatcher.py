@@ -25,27 +25,30 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-import httpx
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Table, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import metrics
 from app.config import Settings
 from app.db import utcnow
 from app.forwarding import endpoints, queue
-from app.forwarding.guard import make_client
+from app.forwarding.client import ClientError, Target, WebhookClient
 from app.forwarding.queue import DELIVERED, FAILED, PENDING, Claim, Outcome
 from app.forwarding.signing import sign
-from app.models import Endpoint
+from app.models import Endpoint as EndpointRow
+
+EP = cast(Table, EndpointRow.__table__)
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0          # look for work others queued (replicas, retries coming due)
 FLUSH_SECONDS = 0.05        # outcomes wait at most this long to be recorded
 METRICS_SECONDS = 5.0       # backlog gauges refreshed this often
-BUFFER_ROUNDS = 8           # a lane claims up to this many times its concurrency at once
+BUFFER_ROUNDS = 16          # a lane holds up to this many times its concurrency, claimed
+# A lane claims more once its buffer is below half of that: the next claim is made while the
+# lane still has work, so a database round's latency never leaves its slots idle.
 LEASE_MARGIN = 10.0         # seconds of lease kept spare (clock skew between replicas)
 FAILURES_TO_OPEN = 5        # consecutive failures that open an endpoint's circuit
 COOLDOWN_FIRST, COOLDOWN_MAX = 2.0, 30.0
@@ -54,8 +57,10 @@ JITTER = 0.2                # each retry delay is stretched or shrunk by up to 2
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    url: httpx.URL  # parsed once: httpx parses a string URL on every request otherwise
+class Endpoint:
+    """What a lane needs of its endpoint: where, and the keys that sign."""
+
+    target: Target
     keys: tuple[bytes, ...]
 
 
@@ -64,7 +69,7 @@ class Lane:
     """One endpoint's share of this process."""
 
     endpoint_id: str
-    target: Target
+    endpoint: Endpoint
     buffer: deque[tuple[Claim, float]] = field(default_factory=deque)  # (claim, deadline)
     in_flight: int = 0
     exhausted: bool = False      # the last claim found less than asked: wait for news
@@ -109,7 +114,7 @@ class Forwarder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._task: asyncio.Task[None] | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: WebhookClient | None = None
         self._closing = False
         self._next_refresh = 0.0
         self._next_metrics = 0.0
@@ -122,7 +127,7 @@ class Forwarder:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
-        self._client = make_client(max_keepalive=max(64, self.concurrency * 4))
+        self._client = WebhookClient()
         try:
             await self._db(self._sync_settings)
         except SQLAlchemyError as exc:  # the loop tries again; serving goes on
@@ -245,7 +250,7 @@ class Forwarder:
                 if not lane.buffer and lane.in_flight == 0:
                     wants[lane.endpoint_id] = 1
                 continue
-            if len(lane.buffer) < self.concurrency:
+            if len(lane.buffer) < self.concurrency * BUFFER_ROUNDS // 2:
                 room = self.concurrency * BUFFER_ROUNDS - len(lane.buffer) - lane.in_flight
                 if room > 0:
                     wants[lane.endpoint_id] = room
@@ -288,15 +293,15 @@ class Forwarder:
                 result["backlog"] = queue.backlog(conn, now)
         return result
 
-    def _targets(self, conn: Any, now: datetime) -> dict[str, Target]:
-        rows = conn.execute(select(Endpoint.__table__).where(Endpoint.__table__.c.enabled))
-        return {r.id: Target(httpx.URL(r.url), tuple(endpoints.signing_keys(r, now)))
+    def _targets(self, conn: Any, now: datetime) -> dict[str, Endpoint]:
+        rows = conn.execute(select(EP).where(EP.c.enabled))
+        return {r.id: Endpoint(Target.parse(r.url), tuple(endpoints.signing_keys(r, now)))
                 for r in rows}
 
     # --- applying a round (on the event loop) --------------------------------------------
 
     def _apply(self, result: dict[str, Any], now: float) -> None:
-        targets: dict[str, Target] | None = result.get("targets")
+        targets: dict[str, Endpoint] | None = result.get("targets")
         if targets is not None:
             for endpoint_id in list(self._lanes):
                 if endpoint_id not in targets:  # deleted or disabled
@@ -306,7 +311,7 @@ class Forwarder:
                 if lane is None:
                     self._lanes[endpoint_id] = Lane(endpoint_id, target)
                 else:
-                    lane.target = target
+                    lane.endpoint = target
                     lane.exhausted = False
         if "backlog" in result:
             self._next_metrics = now + METRICS_SECONDS
@@ -365,7 +370,8 @@ class Forwarder:
             task = asyncio.create_task(self._attempt(lane, claim))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
-        if len(lane.buffer) < self.concurrency and not lane.exhausted and self._wake:
+        if (len(lane.buffer) < self.concurrency * BUFFER_ROUNDS // 2 and not lane.exhausted
+                and self._wake):
             self._wake.set()
 
     # --- one attempt ---------------------------------------------------------------------
@@ -374,30 +380,24 @@ class Forwarder:
         assert self._client is not None
         attempted_at = utcnow()
         timestamp = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": claim.webhook_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(lane.target.keys, claim.webhook_id, timestamp,
-                                      claim.payload),
-        }
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"webhook-id", claim.webhook_id.encode()),
+            (b"webhook-timestamp", str(timestamp).encode()),
+            (b"webhook-signature", sign(lane.endpoint.keys, claim.webhook_id, timestamp,
+                                        claim.payload).encode()),
+        ]
         code: int | None = None
         response: str | None = None
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._client.stream("POST", lane.target.url, content=claim.payload,
-                                               headers=headers) as answer:
-                    code = answer.status_code
-                    kept = b""
-                    async for chunk in answer.aiter_raw():
-                        kept += chunk
-                        if len(kept) >= BODY_KEPT:
-                            break
-                    response = kept[:BODY_KEPT].decode("utf-8", "replace")
+                code, kept = await self._client.post(lane.endpoint.target, claim.payload,
+                                                     headers, keep=BODY_KEPT)
+            response = kept.decode("utf-8", "replace")
         except TimeoutError:
             response = f"timeout: no complete answer within {self.timeout:g} s"
-        except httpx.HTTPError as exc:
+        except (OSError, ClientError) as exc:
             response = (f"{type(exc).__name__}: {exc}" if str(exc)
                         else type(exc).__name__)[:BODY_KEPT]
         except asyncio.CancelledError:

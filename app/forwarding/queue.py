@@ -9,6 +9,7 @@ while the claimer's token is still on the row.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ def claim(conn: Connection, endpoint_id: str, limit: int, now: datetime,
     """Lease up to `limit` due deliveries of one endpoint, oldest due first."""
     token = uuid.uuid4().hex
     due = (select(D.c.id).where(D.c.endpoint_id == endpoint_id, _due(now))
-           .order_by(D.c.next_attempt_at, D.c.id).limit(limit)
+           # next_attempt_at alone: the due index's own order, so no sort of the backlog
+           .order_by(D.c.next_attempt_at).limit(limit)
            .with_for_update(skip_locked=True))
     # A CTE, not `id IN (subquery)`: PostgreSQL may rescan an IN subquery as a semi-join
     # and then ignores its LIMIT (one claim took 568 rows of a 32-row limit). A CTE that
@@ -95,6 +97,28 @@ _RELEASE = (update(D).where(D.c.id == bindparam("b_id"), D.c.lease_token == bind
             .values(lease_until=None, lease_token=None))
 
 
+# PostgreSQL: the outcomes as one JSON parameter, one statement for any number of rows (an
+# executemany is a round trip per row: 50 rows took 20-60 ms).
+_PG_FINISH = """
+UPDATE deliveries AS d SET status = v.status, attempts = d.attempts + 1,
+    next_attempt_at = COALESCE(v.next_attempt_at, d.next_attempt_at),
+    lease_until = NULL, lease_token = NULL, last_status_code = v.code, last_error = v.error,
+    finished_at = v.finished_at
+FROM json_to_recordset(%s::json) AS v(id bigint, token text, status text,
+     next_attempt_at timestamptz, code integer, error text, finished_at timestamptz)
+WHERE d.id = v.id AND d.lease_token = v.token
+"""
+_PG_RELEASE = """
+UPDATE deliveries AS d SET lease_until = NULL, lease_token = NULL
+FROM json_to_recordset(%s::json) AS v(id bigint, token text)
+WHERE d.id = v.id AND d.lease_token = v.token
+"""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
     """Write attempts and the deliveries' new state (several outcomes, one transaction)."""
     done = [o for o in outcomes if o.attempted_at is not None]
@@ -104,6 +128,18 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
             {"delivery_id": o.delivery_id, "endpoint_id": o.endpoint_id,
              "attempted_at": o.attempted_at, "status_code": o.status_code, "ok": o.ok,
              "latency_ms": o.latency_ms, "response": o.response} for o in done])
+    if conn.dialect.name == "postgresql":
+        if done:
+            conn.exec_driver_sql(_PG_FINISH, (json.dumps([
+                {"id": o.delivery_id, "token": o.token, "status": o.status,
+                 "next_attempt_at": _iso(o.next_attempt_at), "code": o.status_code,
+                 "error": o.error, "finished_at": _iso(o.attempted_at)
+                 if o.status != PENDING else None} for o in done]),))
+        if released:
+            conn.exec_driver_sql(_PG_RELEASE, (json.dumps(
+                [{"id": o.delivery_id, "token": o.token} for o in released]),))
+        return
+    if done:
         conn.execute(_FINISH, [
             {"b_id": o.delivery_id, "b_token": o.token, "b_status": o.status,
              "b_next": o.next_attempt_at, "b_code": o.status_code, "b_error": o.error,
