@@ -81,7 +81,8 @@ class Change:
 class Forwarding(Protocol):
     """The outbox the write path fills in the same transaction (app/forwarding)."""
 
-    def active(self, conn: Connection) -> bool: ...
+    # An SQL condition, true when anyone listens: asked in the events insert's RETURNING.
+    active_sql: str
 
     def enqueue(self, conn: Connection, changes: Sequence[Change]) -> int: ...
 
@@ -349,6 +350,7 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
         conn.execute(insert(Rejected), rejected)
 
     message_rows: list[tuple[dict[str, Any], Notification | None]] = []
+    listening = False  # whether any forwarding endpoint is enabled, asked with the events
     first: dict[str, Notification] = {}  # dedupe_key -> its first copy in this batch
     index: dict[str, int] = {}
     for idx, item in enumerate(items):
@@ -365,9 +367,12 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
     if first:
         t = _time_binder(conn.dialect)
         rows = [_row(event_row(n), _EVENT_NAMES, t) for n in first.values()]
-        inserted = {r[0] for r in _bulk_insert(
-            conn, "events", EVENT_COLUMNS, rows,
-            "ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")}
+        returning = "RETURNING dedupe_key" + (
+            f", {forwarding.active_sql}" if forwarding is not None else "")
+        returned = _bulk_insert(conn, "events", EVENT_COLUMNS, rows,
+                                f"ON CONFLICT (dedupe_key) DO NOTHING {returning}")
+        inserted = {r[0] for r in returned}
+        listening = forwarding is not None and any(r[1] for r in returned)
         for key, n in first.items():
             if key in inserted:  # only new notifications change a message
                 outcomes[index[key]] = "new"
@@ -375,8 +380,8 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
 
     stored = Stored(outcomes)
     if message_rows:
-        active = forwarding is not None and forwarding.active(conn)
-        changes = upsert_messages(conn, message_rows, returning=active)
+        # Only new notifications make changes worth forwarding (a send makes none).
+        changes = upsert_messages(conn, message_rows, returning=listening)
         if forwarding is not None and changes:
             stored.forwarded = forwarding.enqueue(conn, changes)
     return stored

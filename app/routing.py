@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import lru_cache
 from typing import Any
 
 from fastapi import Request
@@ -39,7 +40,9 @@ async def call_dependencies(request: Request, dependencies: Sequence[Depends]) -
             await result
 
 
+@lru_cache(maxsize=256)
 def _takes_argument(fn: Callable[..., Any]) -> bool:
+    # Cached: inspecting a signature cost more than the lookup it guards.
     return any(p.default is inspect.Parameter.empty and p.kind in (
         inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         for p in inspect.signature(fn).parameters.values())
