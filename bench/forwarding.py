@@ -209,7 +209,9 @@ def ingest_with_endpoint(server: Any, sink: Sink, db_engine: Any, bracketed: Cal
         "ratio": round(mix.rps / baseline.rps, 2), "p99_ms": mix.p99_ms,
         "non_200": mix.non_200 + baseline.non_200, "events": events,
         "delivered": len(set(ids)), "duplicates": len(ids) - len(set(ids)),
-        "drained_s_after_load": round(max((t for t, _, _ in got), default=stopped) - stopped, 1),
+        # Measured from the end of the round (the mix, then the baseline's second half).
+        "drained_s_after_load": round(max(0.0, max((t for t, _, _ in got), default=stopped)
+                                          - stopped), 1),
     }
 
 
