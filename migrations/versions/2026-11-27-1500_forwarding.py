@@ -81,11 +81,10 @@ def upgrade() -> None:
     op.create_index("ix_deliveries_due", "deliveries", ["endpoint_id", "next_attempt_at"],
                     unique=False, postgresql_where=sa.text("status = 'pending'"),
                     sqlite_where=sa.text("status = 'pending'"))
-    op.create_index(op.f("ix_deliveries_endpoint_id_id"), "deliveries", ["endpoint_id", "id"],
-                    unique=False)
     op.create_index(op.f("ix_deliveries_event_id"), "deliveries", ["event_id"], unique=False)
     op.create_index(op.f("ix_deliveries_finished_at"), "deliveries", ["finished_at"],
-                    unique=False)
+                    unique=False, postgresql_where=sa.text("finished_at IS NOT NULL"),
+                    sqlite_where=sa.text("finished_at IS NOT NULL"))
     op.create_table(
         "delivery_attempts",
         sa.Column("id", BigId, autoincrement=True, nullable=False),
