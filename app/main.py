@@ -55,7 +55,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if sender is not None:
             stack.push_async_callback(sender.aclose)
         app.state.database = database
-        app.state.engine = database.engine
         app.state.forwarder = forwarder
         app.state.ingestor = ingestor
         app.state.sender = sender

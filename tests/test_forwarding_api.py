@@ -12,8 +12,7 @@ from app.forwarding import endpoints
 from app.forwarding.events import ForwardEvent, enqueue, has_endpoints
 from app.models import Delivery, Endpoint, OutboundEvent
 
-from .forwarding_support import add_endpoint, emit, forward_app, status_event
-from .helpers import client_for, count, make_settings
+from .helpers import add_endpoint, client_for, count, emit, forward_app, make_settings, status_event
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

@@ -12,8 +12,7 @@ from app.cli import cli
 from app.config import Settings
 from app.models import Delivery, Endpoint
 
-from .forwarding_support import emit, status_event
-from .helpers import count
+from .helpers import count, emit, status_event
 
 runner = CliRunner()
 

@@ -16,9 +16,7 @@ from app.forwarding.queue import Outcome, record
 from app.main import create_app
 from app.models import Delivery
 
-from .forwarding_support import add_endpoint, emit, status_event
-from .helpers import make_settings
-from .server import serving_in_thread
+from .helpers import add_endpoint, emit, make_settings, serving_in_thread, status_event
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",

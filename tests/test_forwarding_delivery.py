@@ -18,15 +18,15 @@ from app.forwarding import deliveries, endpoints
 from app.forwarding.dispatcher import Forwarder
 from app.models import Delivery, DeliveryAttempt, Endpoint
 
-from .forwarding_support import (
+from .helpers import (
     Sink,
     add_endpoint,
     emit,
+    make_settings,
     running_sink,
     status_event,
     verified,
 )
-from .helpers import make_settings
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:

@@ -19,9 +19,21 @@ from app.config import Settings
 from app.db import make_engine
 from app.migrate import upgrade
 
-from .forwarding_support import Received, Sink, emit, running_sink, status_event, verified
-from .helpers import UUID_A, AppFactory, client_for, dlr, make_settings, wipe
-from .server import running_server
+from .helpers import (
+    UUID_A,
+    AppFactory,
+    Received,
+    Sink,
+    client_for,
+    dlr,
+    emit,
+    make_settings,
+    running_server,
+    running_sink,
+    status_event,
+    verified,
+    wipe,
+)
 
 pytestmark = pytest.mark.slow
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

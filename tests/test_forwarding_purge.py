@@ -10,8 +10,7 @@ from app.forwarding.queue import Outcome, record
 from app.models import Delivery, DeliveryAttempt, OutboundEvent
 from app.retention import purge
 
-from .forwarding_support import add_endpoint, emit, status_event
-from .helpers import count
+from .helpers import add_endpoint, count, emit, status_event
 
 
 def test_purge_removes_finished_deliveries_and_keeps_pending_ones(engine: Engine) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, Engine
 
@@ -28,11 +28,13 @@ from app.forwarding.schemas import (
 )
 from app.forwarding.signing import mask
 from app.forwarding.urls import blocked_address
-from app.schemas import invalid
+from app.schemas import API_ERROR_RESPONSES, invalid
 from app.security import require_api_access
 
 router = APIRouter(prefix="/api/v1", tags=["forwarding"],
-                   dependencies=[Depends(require_api_access)])
+                   dependencies=[Depends(require_api_access)], responses=API_ERROR_RESPONSES)
+# A row id: any larger number cannot name a delivery (and overflows the column's type).
+DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 T = TypeVar("T")
 Responses = dict[int | str, dict[str, Any]]
 NOT_FOUND: Responses = {404: {"description": "no such endpoint or delivery"}}
@@ -200,14 +202,14 @@ async def list_deliveries(
 
 
 @router.get("/deliveries/{delivery_id}", response_model=DeliveryOut, responses=NOT_FOUND)
-async def get_delivery(delivery_id: int, request: Request) -> DeliveryOut:
+async def get_delivery(delivery_id: DeliveryId, request: Request) -> DeliveryOut:
     return _delivery_out(await _in_transaction(
         request, lambda conn: deliveries.one(conn, delivery_id)))
 
 
 @router.post("/deliveries/{delivery_id}/retry", response_model=DeliveryOut,
              status_code=status.HTTP_202_ACCEPTED, responses={**NOT_FOUND, **CONFLICT})
-async def retry_delivery(delivery_id: int, request: Request) -> DeliveryOut:
+async def retry_delivery(delivery_id: DeliveryId, request: Request) -> DeliveryOut:
     """Attempt the delivery again now (whatever its status), with the same webhook-id."""
     item = await _in_transaction(request, lambda conn: deliveries.retry(conn, delivery_id))
     _wake(request)
