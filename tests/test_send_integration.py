@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import socket
 import struct
 import threading
@@ -120,11 +121,16 @@ def test_final_codes_are_not_retried(stack: Stack, engine: Engine, code: int) ->
 
 
 @pytest.mark.parametrize("code", [-2, -4, -6])
-def test_repeatable_codes_are_retried(stack: Stack, code: int) -> None:
+def test_repeatable_codes_are_retried(stack: Stack, code: int,
+                                      caplog: pytest.LogCaptureFixture) -> None:
     stack.api.post(f"{stack.sim_url}/_sim/control", json={"codes": [code, code]})
-    r = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "hi"})
+    with caplog.at_level(logging.WARNING, logger="app.sender.client"):
+        r = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "hi"})
     assert r.status_code == 200 and r.json()["code"] == 0
     assert len(stack.sim.requests) == 3
+    # A send that waits between retries says so, with how long (not silent for seconds).
+    waits = [rec.getMessage() for rec in caplog.records if "retrying in" in rec.getMessage()]
+    assert len(waits) == 2 and all(f"code {code}" in w for w in waits)
 
 
 def test_retries_are_bounded(stack: Stack) -> None:
