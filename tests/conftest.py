@@ -17,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 from fastapi import FastAPI
+from playwright.sync_api import Browser, sync_playwright
 from sqlalchemy import Engine
 
 from app.config import Settings
@@ -24,7 +25,17 @@ from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
 
-from .helpers import AppFactory, client_for, listening, make_settings, throwaway_postgres, wipe
+from .helpers import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    AppFactory,
+    client_for,
+    listening,
+    make_settings,
+    silent_server,
+    throwaway_postgres,
+    wipe,
+)
 
 PG_ADMIN_URL = os.environ.get("DLR_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -130,3 +141,21 @@ async def app(app_with: AppFactory) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with client_for(app) as c:
         yield c
+
+
+@pytest.fixture
+def silent_provider() -> Iterator[str]:
+    """A provider URL that takes requests and never answers."""
+    with silent_server() as url:
+        yield url
+
+
+# Per test: Playwright's sync API keeps an event loop running while it is open, which the
+# async tests cannot share.
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (make test does)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()

@@ -358,6 +358,39 @@ def throwaway_postgres() -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# --- a browser and a provider that never answers ------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As this machine runs Chromium headless: nothing reaches out to the network on its own.
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """A provider that takes every request and never answers (its URL ends with /)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.listen(64)
+    conns: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}/"
+    finally:
+        srv.close()
+        for c in conns:
+            c.close()
+
+
 # --- forwarding: a webhook receiver (a threaded http.server on loopback that records every
 # request and answers as the test tells it to), and events as ingest makes them -----------
 

@@ -4,7 +4,6 @@ screen), its sign-in with an API key, and what a browser without access is told.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from itsdangerous import TimestampSigner
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import Engine
 
 from app.config import Settings
@@ -29,9 +28,6 @@ from app.simulator import EmitterSettings, ProviderSimulator
 from .helpers import AppFactory, client_for, free_port, make_settings, serving_in_thread
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 USER, SECRET = "partner", "s3cret-key"
 KEY = "dash-key-7f3a9c1e5b"
 REMOTE = "203.0.113.7"  # a browser that is not on the server's machine
@@ -70,17 +66,6 @@ def receiver_with_simulator(settings: Settings, api_keys: str | None = None,
         with serving_in_thread(create_app(app_settings), port=port) as url, \
                 httpx.Client(base_url=url, timeout=10, headers=headers) as api:
             yield Stack(sim, api)
-
-
-# Per test: Playwright's sync API keeps an event loop running while it is open, which the
-# async tests of this module cannot share.
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "Chromium is needed: apt-get install chromium (make test does)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield b
-        b.close()
 
 
 def send_campaign(stack: Stack) -> None:

@@ -4,7 +4,6 @@ page and schema follow DLR_RESTRICT_DOCS."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,7 @@ from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
 
-from .helpers import AppFactory, client_for, make_settings, serving_in_thread
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from .helpers import CHROMIUM, AppFactory, client_for, make_settings, serving_in_thread
 
 
 def referenced(page: str) -> list[str]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import socket
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -172,28 +170,6 @@ def send_one(settings: Settings, **overrides: object) -> SendResult:
             return await sender.send(SendRequest(phone=["79031234567"], txt="hi"))
 
     return asyncio.run(send())
-
-
-@pytest.fixture
-def silent_provider() -> Iterator[str]:
-    """A provider that takes the request and never answers."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    conns: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conn.recv(65536)
-            conns.append(conn)
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.getsockname()[1]}/"
-    srv.close()
-    for c in conns:
-        c.close()
 
 
 def test_timeout_after_sending_is_unknown_and_not_resent(
