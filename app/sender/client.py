@@ -73,7 +73,7 @@ class ProviderClient:
     timeout: float = 30.0
     backoff: float = 1.0
     upload_sign_uppercase: bool = False
-    upload_max_bytes: int = 20 * 1024 * 1024
+    upload_max_bytes: int = 10 * 1024 * 1024  # as DLR_UPLOAD_MAX_BYTES (the public docs)
     # Async: a provider that does not answer holds no thread, so it cannot starve the reads
     # (with a blocking client, 8 hanging sends took every read thread: /readyz took 2.8 s).
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient())
