@@ -67,6 +67,13 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+@lru_cache(maxsize=4)
+def time_binder(dialect: Dialect) -> Callable[[Any], Any]:
+    """How the dialect stores UTCDateTime (SQLite keeps text), for SQL the hot paths write
+    themselves; taken from the column type."""
+    return UTCDateTime().bind_processor(dialect) or (lambda v: v)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -161,26 +168,17 @@ class Database:
     async def session(self, fn: Callable[[Session], T]) -> T:
         """Run `fn` with an ORM session on the read engine, in a read thread."""
         def run() -> T:
-            for attempt in (1, 2):
-                try:
-                    with Session(self.reader) as session:
-                        return fn(session)
-                except DBAPIError as exc:
-                    if attempt == 2 or not exc.connection_invalidated:
-                        raise
-            raise AssertionError("unreachable")
+            with Session(self.reader) as session:
+                return fn(session)
 
-        return await self.in_thread(run)
+        return await self.in_thread(lambda: _once_more_if_dead(run))
 
     def _rows(self, statement: Statement, params: dict[str, Any]) -> list[Any]:
-        for attempt in (1, 2):
-            try:
-                with self.reader.connect() as conn:
-                    return list(conn.execute(statement, params).all())
-            except DBAPIError as exc:
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
-        raise AssertionError("unreachable")
+        def run() -> list[Any]:
+            with self.reader.connect() as conn:
+                return list(conn.execute(statement, params).all())
+
+        return _once_more_if_dead(run)
 
     async def read_rows(self, statement: Statement, params: dict[str, Any], *,
                         thread: bool = True) -> list[Any]:
@@ -213,6 +211,17 @@ class Database:
             await self.read_rows(_PING, {})
             return
         await self.in_thread(lambda: self._rows(_PING, {}))
+
+
+def _once_more_if_dead(read: Callable[[], T]) -> T:
+    """`read()`, repeated once if its pooled connection turned out dead (SQLAlchemy then
+    invalidates the pool's older connections, so the second try gets a fresh one)."""
+    try:
+        return read()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return read()
 
 
 _PING = text("SELECT 1")

@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import metrics
-from app.db import UTCDateTime
+from app.db import time_binder
 from app.models import Event, Merge, Message, Rejected, Send
 from app.notifications import FINAL_RANK, RANK, Notification, Rejection, Status, msg_key
 from app.schemas import MessageSummary
@@ -197,12 +197,6 @@ def _bulk_insert(conn: Connection, table: str, columns: tuple[tuple[str, str], .
     return returned
 
 
-@lru_cache(maxsize=4)
-def _time_binder(dialect: Any) -> Callable[[Any], Any]:
-    """How the dialect stores UTCDateTime (SQLite keeps text), taken from the column type."""
-    return UTCDateTime().bind_processor(dialect) or (lambda v: v)
-
-
 def _row(values: dict[str, Any], names: tuple[str, ...], bind_time: Callable[[Any], Any]
          ) -> tuple[Any, ...]:
     """A row tuple in the columns' order; times as the dialect stores them, absent
@@ -300,7 +294,7 @@ def _change(row: Any, n: Notification) -> Change | None:
 def upsert_messages(conn: Connection, rows: list[tuple[dict[str, Any], Notification | None]],
                     *, returning: bool) -> list[Change]:
     """Merge message rows; with `returning`, report the status changes and replies."""
-    t = _time_binder(conn.dialect)
+    t = time_binder(conn.dialect)
     changes: list[Change] = []
     tail = MESSAGE_UPSERT + (f" RETURNING {', '.join(_MESSAGE_NAMES)}" if returning else "")
     for part in _rounds(rows):
@@ -365,7 +359,7 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
             message_rows.extend((row, None) for row in send_rows(item))
 
     if first:
-        t = _time_binder(conn.dialect)
+        t = time_binder(conn.dialect)
         rows = [_row(event_row(n), _EVENT_NAMES, t) for n in first.values()]
         returning = "RETURNING dedupe_key" + (
             f", {forwarding.active_sql}" if forwarding is not None else "")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection
 
-from app.db import UTCDateTime, utcnow
+from app.db import time_binder, utcnow
 
 EventType = Literal["message.status", "message.reply"]
 EVENT_TYPES: tuple[EventType, ...] = ("message.status", "message.reply")
@@ -102,12 +102,6 @@ def _sqlite_events(rows: int) -> str:
             f"RETURNING id")
 
 
-@lru_cache(maxsize=4)
-def _time_binder(dialect: Any) -> Callable[[Any], Any]:
-    """How the dialect stores UTCDateTime (SQLite keeps text), taken from the column type."""
-    return UTCDateTime().bind_processor(dialect) or (lambda v: v)
-
-
 def has_endpoints(conn: Connection) -> bool:
     """Whether any endpoint is enabled (inside the caller's transaction). The write path may
     call it to skip building events altogether; `enqueue` checks it itself anyway."""
@@ -133,7 +127,7 @@ def _write(conn: Connection, events: Sequence[ForwardEvent]) -> int:
              "payload": body(e), "occurred_at": e.occurred_at.isoformat()}
             for e in events])
         return int(conn.exec_driver_sql(PG_ENQUEUE, (batch, now, now)).rowcount)
-    t = _time_binder(conn.dialect)
+    t = time_binder(conn.dialect)
     created = 0
     for i in range(0, len(events), SQLITE_CHUNK):
         part = events[i:i + SQLITE_CHUNK]
@@ -153,13 +147,10 @@ class Outbox:
 
     # Asked by the write path inside the statement that inserts the events (RETURNING), so
     # knowing whether anyone listens costs no round trip of its own.
-    active_sql = "EXISTS (SELECT 1 FROM endpoints WHERE enabled)"
-
-    def active(self, conn: Connection) -> bool:
-        return has_endpoints(conn)
+    active_sql = f"EXISTS ({ANY_ENABLED})"
 
     def enqueue(self, conn: Connection, changes: Sequence[Any]) -> int:
-        # The write path asked `active` in this same transaction just before (it only has
+        # The write path asked `active_sql` in this same transaction just before (it only has
         # changes when it did), so the check is not repeated.
         return _write(conn, [from_change(c) for c in changes]) if changes else 0
 
