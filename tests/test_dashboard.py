@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,9 @@ async def test_a_session_opens_reads_of_the_api_and_the_dashboard_only(
 
         assert (await client.get("/api/v1/stats")).status_code == 200
         assert (await client.get("/api/v1/messages/nope")).status_code == 404
-        assert (await client.get("/api/v1/timeline", params={"since": "2026-11-27"})
+        # A day ago: the timeline's window is at most 2 days before now.
+        since = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+        assert (await client.get("/api/v1/timeline", params={"since": since})
                 ).status_code == 200
         page = await client.get("/dashboard", headers=HTML)
         assert page.status_code == 200 and "Funnel" in page.text
