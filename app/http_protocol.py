@@ -32,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGISendEvent
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     Send = Callable[[ASGISendEvent], Coroutine[Any, Any, None]]
 
 from app.config import get_settings
+from app.logs import AccessLog
 
 # Request line plus headers. 16 KiB is what Node.js allows and twice nginx's default line
 # buffer; a provider's callback needs well under 1 KiB.
@@ -54,6 +56,9 @@ class HeadTooLarge(Exception):
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the head limits above, writing the access log
+    itself (`app.logs.AccessLog`)."""
+
     _head_timer: asyncio.TimerHandle | None = None
     # Between a message's first byte and the end of its headers.
     _in_head = False
@@ -89,6 +94,13 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def _answering(self) -> bool:
         """Whether a request is being answered (its head is in; its response is not done)."""
         return self.cycle is not None and not self.cycle.response_complete
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The cycles uvicorn creates log through the logging module only if this is None.
+        self._access = AccessLog.configured() if self.access_log else None
+        if self._access is not None:
+            self.access_log = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -205,8 +217,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         before = self.cycle
         super().on_headers_complete()
         if self.cycle is not before:
-            self.cycle.send = _closing_when_early(  # type: ignore[method-assign,assignment]
-                self.cycle, self.close_gently)
+            self.cycle.send = _sending(  # type: ignore[method-assign,assignment]
+                self.cycle, self.close_gently, self._access)
 
     def on_message_complete(self) -> None:
         self._completed_in_feed = True
@@ -224,16 +236,24 @@ class _GentleClose:
         return getattr(self._transport, name)
 
 
-def _closing_when_early(cycle: RequestResponseCycle, close: Callable[[], None]) -> Send:
-    """The cycle's `send`, closing the connection when the answer starts before the request
-    body is in: the rest of that body would otherwise be read, with no deadline, for nothing.
-    uvicorn then writes `Connection: close` and closes (gently) once the answer is out."""
+def _sending(cycle: RequestResponseCycle, close: Callable[[], None], access: AccessLog | None
+             ) -> Send:
+    """The cycle's `send`, writing the access line when the answer starts, and closing the
+    connection when the answer starts before the request body is in: the rest of that body
+    would otherwise be read, with no deadline, for nothing. uvicorn then writes
+    `Connection: close` and closes (gently) once the answer is out."""
     send = cycle.send
 
-    async def closing_send(message: ASGISendEvent) -> None:
-        if message["type"] == "http.response.start" and cycle.more_body:
-            cycle.keep_alive = False
-            cycle.transport = _GentleClose(cycle.transport, close)  # type: ignore[assignment]
+    async def sending(message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start":
+            if cycle.more_body:
+                cycle.keep_alive = False
+                cycle.transport = _GentleClose(cycle.transport, close)  # type: ignore[assignment]
+            if access is not None:
+                scope = cycle.scope
+                access.write(get_client_addr(scope), scope["method"],
+                             get_path_with_query_string(scope), scope["http_version"],
+                             message["status"])
         await send(message)
 
-    return closing_send
+    return sending

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
+import signal
+from datetime import datetime
+from typing import Any
 from urllib.parse import parse_qsl
 
+import httpx
 import pytest
 
 from app.logs import RedactTokens, redact, redact_query
+
+from .helpers import running_server
 
 SPELLINGS = [b"token", b"tok%65n", b"TOKEN", b"%74%6F%6B%65%6E", b"To%4Ben"]
 
@@ -66,3 +74,61 @@ def test_the_access_log_filter_masks_its_arguments() -> None:
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == '127.0.0.1:5000 - "GET /dlr?type=seen&t%6Fken=*** HTTP/1.1" 200\n'
+
+
+def _serve_and_log(tmp_path: Any, log_format: str) -> list[str]:
+    """Requests to a real `dlr serve` with its default access log; the lines it wrote."""
+    env = {"DLR_DATABASE_URL": f"sqlite:///{tmp_path / 'logs.db'}",
+           "DLR_CALLBACK_TOKEN": "SECRET-TOKEN"}
+    with running_server(env, "--log-level", "info", "--log-format", log_format) as (url, proc):
+        with httpx.Client(base_url=url) as c:
+            assert c.get("/healthz").status_code == 200
+            assert c.post("/dlr/SECRET-TOKEN", data={"type": "seen", "msg_id": "m1"}
+                          ).status_code == 200
+            assert c.get("/dlr?type=seen&msg_id=m2&tok%65n=SECRET-TOKEN").status_code == 200
+            assert c.get("/dlr?type=seen&msg_id=m3&token=WRONG-SECRET").status_code == 403
+            assert c.get("/api/v1/messages/nope").status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        return proc.stdout.read().decode().splitlines()
+
+
+EXPECTED_ACCESS = [  # (request line as logged, status); tokens masked
+    ("GET /healthz HTTP/1.1", 200),
+    ("POST /dlr/*** HTTP/1.1", 200),
+    ("GET /dlr?type=seen&msg_id=m2&tok%65n=*** HTTP/1.1", 200),
+    ("GET /dlr?type=seen&msg_id=m3&token=*** HTTP/1.1", 403),
+    ("GET /api/v1/messages/nope HTTP/1.1", 404),
+]
+
+
+def _requests(messages: list[str]) -> list[tuple[str, int]]:
+    """(request line, status) of each access message after those of the start-up probe."""
+    logged = [(m.split('"')[1], int(m.rsplit(" ", 1)[1])) for m in messages]
+    probes = len(logged) - len(EXPECTED_ACCESS)
+    assert probes >= 1 and set(logged[:probes]) == {("GET /healthz HTTP/1.1", 200)}
+    return logged[probes:]
+
+
+@pytest.mark.slow
+def test_the_server_writes_an_access_line_per_request_with_tokens_masked(tmp_path: Any
+                                                                         ) -> None:
+    lines = _serve_and_log(tmp_path, "text")
+    access = [line for line in lines if " INFO uvicorn.access: " in line]
+    assert _requests([line.split(": ", 1)[1] for line in access]) == EXPECTED_ACCESS
+    # time, level, logger, then uvicorn's own line: client - "request" status
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.access: "
+                            r'127\.0\.0\.1:\d+ - ".+" \d{3}', line) for line in access)
+    assert not any("SECRET-TOKEN" in line or "WRONG-SECRET" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_json_access_lines_are_objects_with_tokens_masked(tmp_path: Any) -> None:
+    lines = _serve_and_log(tmp_path, "json")
+    docs = [json.loads(line) for line in lines if line.startswith("{")]
+    access = [d for d in docs if d["logger"] == "uvicorn.access"]
+    assert _requests([d["message"] for d in access]) == EXPECTED_ACCESS
+    assert {d["level"] for d in access} == {"info"}
+    assert all(datetime.fromisoformat(d["time"]).tzinfo is not None for d in access)
+    assert not any("SECRET-TOKEN" in line or "WRONG-SECRET" in line for line in lines)
