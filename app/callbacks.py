@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import PlainTextResponse, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from app import metrics
 from app.config import Settings
@@ -39,6 +40,8 @@ class Unreadable(ValueError):
 
 
 def parse_urlencoded(data: bytes) -> dict[str, str]:
+    if not data:
+        return {}
     # surrogateescape keeps bytes that are not UTF-8 so that they can be archived exactly.
     text = data.decode("utf-8", "surrogateescape")
     return dict(parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="surrogateescape"))
@@ -111,10 +114,15 @@ def parse_json(data: bytes) -> dict[str, str]:
     return fields
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
 def parse_body(content_type: str | None, body: bytes) -> dict[str, str]:
     if not body:
         return {}
-    ctype, params = parse_options_header(content_type or "")
+    if content_type is None or content_type.startswith(FORM):
+        return parse_urlencoded(body)  # what the provider sends: no header parsing needed
+    ctype, params = parse_options_header(content_type)
     if ctype == b"application/json" or ctype.endswith(b"+json"):
         return parse_json(body)
     if ctype == b"multipart/form-data":
@@ -126,15 +134,25 @@ def parse_body(content_type: str | None, body: bytes) -> dict[str, str]:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused as soon as it is over `limit` (declared or not). Read from the
+    ASGI messages directly: a callback's body is one message, and Starlette's stream (an
+    async generator) cost more than the read itself."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
-    chunks = bytearray()
-    async for chunk in request.stream():
-        chunks.extend(chunk)
-        if len(chunks) > limit:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
             raise BodyTooLarge
-    return bytes(chunks)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _is_form(content_type: str | None) -> bool:
@@ -208,11 +226,11 @@ async def receive(request: Request, token: str | None = None) -> Response:
     except StoreUnavailable as exc:
         log.warning("not stored, answered 503: %s", exc,
                     extra={"msg_id": getattr(item, "msg_id", None)})
-        metrics.CALLBACKS.labels(type=kind, outcome="unavailable").inc()
+        metrics.callback_counter(kind, "unavailable").inc()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             "database unavailable; not stored, send again",
                             headers={"Retry-After": "5"}) from None
-    metrics.CALLBACKS.labels(type=kind, outcome=outcome).inc()
+    metrics.callback_counter(kind, outcome).inc()
     return PlainTextResponse("OK")
 
 

@@ -1,11 +1,22 @@
 """Prometheus metrics. Each worker process exposes its own on /metrics."""
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CALLBACKS = Counter(
     "dlr_callbacks_total", "Callbacks answered, by notification type and outcome",
     ["type", "outcome"],
 )
+
+
+@lru_cache(maxsize=64)
+def callback_counter(type_: str, outcome: str) -> Counter:
+    """CALLBACKS' child for one type and outcome (a closed set), looked up once: `labels()`
+    checks and locks on every call, a callback's largest cost after its own parsing."""
+    return CALLBACKS.labels(type=type_, outcome=outcome)
+
+
 BATCH_SIZE = Histogram(
     "dlr_batch_size", "Items written per group commit",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),

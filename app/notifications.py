@@ -142,6 +142,8 @@ def clean_text(value: str) -> tuple[str, bytes | None]:
     Both become U+FFFD in the text, and the exact bytes are kept beside it. A lone UTF-16
     surrogate is kept as its WTF-8 bytes and shown as one U+FFFD.
     """
+    if value.isascii() and "\x00" not in value:
+        return value, None  # nearly every field: nothing to clean
     try:
         raw = value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
