@@ -184,7 +184,10 @@ def stamper(dialect: Dialect) -> Callable[[datetime], Any]:
     and used for all its columns (the conversion was a tenth of a writer's time per row)."""
     if dialect.name == "postgresql":
         return datetime.isoformat
-    return time_binder(dialect)
+    bind = time_binder(dialect)
+    # The text sqlite3's own datetime adapter writes (`isoformat(" ")`), made here once: the
+    # adapter is a Python call per time parameter, four to five per row.
+    return lambda value: bind(value).isoformat(" ")
 
 
 def _bulk_insert(conn: Connection, table: str, columns: tuple[tuple[str, str], ...],
@@ -522,86 +525,73 @@ class _Pending:
     future: asyncio.Future[Outcome]
 
 
-_STOP = object()  # put on a writer's queue by close(), behind everything queued before it
+_STOP = object()  # put on the writer's queue by close(), behind everything queued before it
 
 
 class Ingestor:
-    """Group commit: requests wait on a future that a writer resolves once per batch.
+    """Group commit: requests wait on a future that the writer resolves once per batch.
 
-    Each writer is a thread with its own queue and connection. It takes everything queued,
+    The writer is a thread with its own queue and connection. It takes everything queued,
     writes it in one transaction, hands the outcomes to the event loop in one call, and goes
     straight on to what queued meanwhile: the loop never stands between two batches (when the
     batch loop ran on the event loop, each batch waited for the loop to get round to it
     behind the requests it was serving, and under a burst the writer sat idle a quarter of
-    the time). Notifications are routed by msg_key, so one message's notifications are always
-    written by the same writer, in arrival order, while writers for other messages overlap
-    their waits on the database.
+    the time). One writer, on both databases: it writes every notification in arrival order,
+    and on PostgreSQL two writers each took half the batch size for the same commit time
+    (their round trips wait on the GIL the loop holds), so one writer with batches of ~33
+    served 20-25% more callbacks per CPU second than two with batches of ~12 (measured with
+    the benchmark's mix, see the README's Benchmark section).
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 500, writers: int = 1,
+    def __init__(self, engine: Engine, *, max_batch: int = 500,
                  forwarding: Forwarding | None = None,
                  on_commit: Callable[[], None] | None = None) -> None:
         """`on_commit` is called on the loop after a batch that created deliveries."""
         self.engine = engine
         self.max_batch = max_batch
         self.on_commit = on_commit
-        # SimpleQueue: put and get in C, and a writer blocked in get() holds no GIL.
-        self._queues: list[queue.SimpleQueue[list[_Pending] | object]] = [
-            queue.SimpleQueue() for _ in range(writers)]
-        # What the current turn of the event loop submitted, per writer (see _flush).
-        self._gathering: list[list[_Pending]] = [[] for _ in range(writers)]
-        self._flush_scheduled = False
-        self._writers = [Writer(engine, forwarding) for _ in range(writers)]
-        self._threads: list[threading.Thread] = []
+        # SimpleQueue: put and get in C, and the writer blocked in get() holds no GIL.
+        self._queue: queue.SimpleQueue[list[_Pending] | object] = queue.SimpleQueue()
+        self._gathering: list[_Pending] = []  # what this turn of the loop submitted (_flush)
+        self._writer = Writer(engine, forwarding)
+        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._threads = [
-            threading.Thread(target=self._run, args=(q, w), name=f"dlr-writer-{i}", daemon=True)
-            for i, (q, w) in enumerate(zip(self._queues, self._writers, strict=True))]
-        for thread in self._threads:
-            thread.start()
-
-    def _writer_for(self, item: Item) -> int:
-        if len(self._queues) == 1 or not isinstance(item, Notification):
-            return 0
-        return hash(item.msg_key) % len(self._queues)
+        self._thread = threading.Thread(target=self._run, name="dlr-writer", daemon=True)
+        self._thread.start()
 
     async def submit(self, item: Item) -> Outcome:
         """Resolve once the item is committed; raise StoreUnavailable if it was not."""
         if self._loop is None:
             raise RuntimeError("Ingestor.submit before start()")
         future: asyncio.Future[Outcome] = self._loop.create_future()
-        self._gathering[self._writer_for(item)].append(_Pending(item, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._gathering:
             self._loop.call_soon(self._flush)
+        self._gathering.append(_Pending(item, future))
         return await future
 
     def _flush(self) -> None:
-        """Hand what this turn of the loop gathered to the writers: a batch is at least
-        everything one turn received. Handing each item over at once made the writers start
+        """Hand what this turn of the loop gathered to the writer: a batch is at least
+        everything one turn received. Handing each item over at once made the writer start
         on one or two items, commit after commit, each commit taking the GIL from the loop."""
-        self._flush_scheduled = False
-        for i, gathered in enumerate(self._gathering):
-            if gathered:
-                self._queues[i].put(gathered)
-                self._gathering[i] = []
+        if self._gathering:
+            self._queue.put(self._gathering)
+            self._gathering = []
 
     async def close(self) -> None:
         """Finish everything queued, then stop (graceful shutdown answers every request)."""
         self._flush()
-        for q in self._queues:
-            q.put(_STOP)
-        for thread in self._threads:
-            await asyncio.to_thread(thread.join)
-        for writer in self._writers:
-            writer.close()
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._writer.close()
 
-    def _run(self, q: queue.SimpleQueue[list[_Pending] | object], writer: Writer) -> None:
-        """A writer's thread: batch, write, hand the outcomes to the loop, repeat."""
+    def _run(self) -> None:
+        """The writer's thread: batch, write, hand the outcomes to the loop, repeat."""
         assert self._loop is not None
+        q, writer = self._queue, self._writer
         waiting: list[_Pending] = []
         stopping = False
         while waiting or not stopping:

@@ -40,9 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         forwarder = Forwarder(database.engine, settings)
         await forwarder.start()
         stack.push_async_callback(forwarder.close)
-        # SQLite has one writer at a time anyway; PostgreSQL gains from overlapping round trips.
         ingestor = Ingestor(database.engine, max_batch=settings.batch_max_size,
-                            writers=1 if settings.is_sqlite else 2,
                             forwarding=Outbox(), on_commit=forwarder.wake)
         ingestor.start()
         # Closed before the database: uvicorn has stopped accepting and waited for requests
