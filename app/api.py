@@ -42,7 +42,6 @@ from app.schemas import (
     Page,
     RejectedItem,
     ReplyItem,
-    ReplyOut,
     Stats,
     Timeline,
     TimelinePoint,
@@ -100,22 +99,26 @@ _LOOKUP = (
 )
 
 
+_SUMMARY_NAMES = tuple(MessageSummary.model_fields)
+_EVENT_NAMES = tuple(EventOut.model_fields)
+
+
 def message_from_rows(rows: Sequence[Sequence[Any]], msg_id: str) -> MessageOut:
-    """Build the answer from the rows of _LOOKUP; 404 HTTPException when there are none."""
+    """Build the answer from the rows of _LOOKUP; 404 HTTPException when there are none.
+
+    Validated in one call from plain dicts: a model per event built in Python cost twice as
+    much (profiled)."""
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no message with msg_id {msg_id!r}")
-    n = len(_SUMMARY_COLUMNS)
-    summary = dict(zip(MessageSummary.model_fields, rows[0][:n], strict=True))
-    events = [EventOut(**dict(zip(EventOut.model_fields, r[n:], strict=True)))
-              for r in rows if r[n] is not None]
+    n = len(_SUMMARY_NAMES)
+    message: dict[str, Any] = dict(zip(_SUMMARY_NAMES, rows[0][:n], strict=True))
+    events = [dict(zip(_EVENT_NAMES, r[n:], strict=True)) for r in rows if r[n] is not None]
     for e in events:
-        e.status_extended = shown_status_extended(e.status_extended, summary["kind"])
-    return MessageOut(
-        **summary,
-        replies=[ReplyOut(text=e.text or "", received_at=e.received_at)
-                 for e in events if e.type == "reply"],
-        events=events,
-    )
+        e["status_extended"] = shown_status_extended(e["status_extended"], message["kind"])
+    message["replies"] = [{"text": e["text"] or "", "received_at": e["received_at"]}
+                          for e in events if e["type"] == "reply"]
+    message["events"] = events
+    return MessageOut.model_validate(message)
 
 
 def load_message(conn: Connection, msg_id: str) -> MessageOut:

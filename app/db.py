@@ -8,9 +8,10 @@ time, so tests and tools can point them anywhere.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from anyio import CapacityLimiter, to_thread
@@ -27,9 +28,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.dialects.sqlite.pysqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeDecorator
 
 from app.config import Settings
@@ -174,11 +177,27 @@ class Database:
         return await self.in_thread(lambda: _once_more_if_dead(run))
 
     def _rows(self, statement: Statement, params: dict[str, Any]) -> list[Any]:
-        def run() -> list[Any]:
-            with self.reader.connect() as conn:
-                return list(conn.execute(statement, params).all())
-
-        return _once_more_if_dead(run)
+        """SQLite: the statement compiled once, run on the driver's own cursor (SQLAlchemy's
+        execution and result processing cost a lookup three times the query itself)."""
+        read = sqlite_read(statement)
+        given = read.defaults | params
+        args = tuple(_sqlite_param(given[name]) for name in read.names)
+        connection = self.reader.raw_connection()
+        try:
+            cursor = connection.driver_connection.execute(read.sql, args)  # type: ignore[union-attr]
+            rows: list[Any] = cursor.fetchall()
+        finally:
+            connection.close()
+        if not read.times:
+            return rows
+        out = []
+        for row in rows:
+            values = list(row)
+            for i in read.times:
+                if values[i] is not None:
+                    values[i] = _utc(values[i])
+            out.append(values)
+        return out
 
     async def read_rows(self, statement: Statement, params: dict[str, Any], *,
                         thread: bool = True) -> list[Any]:
@@ -222,6 +241,41 @@ def _once_more_if_dead(read: Callable[[], T]) -> T:
         if not exc.connection_invalidated:
             raise
         return read()
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteRead:
+    """A prebuilt read as SQLite's driver takes it."""
+
+    sql: str
+    names: tuple[str, ...]          # the bound parameters, in the order of their `?`
+    defaults: dict[str, Any]        # values the statement binds itself (SQLite's OFFSET 0)
+    times: tuple[int, ...]          # result columns of UTCDateTime (stored as text)
+
+
+_SQLITE = sqlite_dialect()
+
+
+@lru_cache(maxsize=256)
+def sqlite_read(statement: ClauseElement) -> SqliteRead:
+    compiled = cast(SQLCompiler, statement.compile(dialect=_SQLITE))
+    columns = getattr(statement, "selected_columns", ())
+    # Only values the statement set itself: a parameter the caller must give stays required.
+    defaults = {name: value for name, value in compiled.params.items()
+                if not compiled.binds[name].required}
+    return SqliteRead(str(compiled), tuple(compiled.positiontup or ()), defaults,
+                      tuple(i for i, c in enumerate(columns) if isinstance(c.type, UTCDateTime)))
+
+
+def _sqlite_param(value: Any) -> Any:
+    """A parameter as UTCDateTime binds it (naive UTC, which sqlite3 writes as text)."""
+    return time_binder(_SQLITE)(value) if isinstance(value, datetime) else value
+
+
+def _utc(stored: str) -> datetime:
+    """SQLite's stored text of a UTCDateTime as the type reads it: aware UTC (parsed with
+    the offset appended, six times faster than `.replace(tzinfo=UTC)` afterwards)."""
+    return datetime.fromisoformat(stored + "+00:00")
 
 
 _PING = text("SELECT 1")

@@ -4,6 +4,7 @@ that starts and stops what the app owns (database, write path, sender)."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     docs.install(app, settings)
 
     @app.exception_handler(psycopg.Error)
+    @app.exception_handler(sqlite3.Error)
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(SQLAlchemyError)
     async def database_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -215,3 +216,27 @@ async def test_reads_recover_after_the_database_ended_their_connections(pg_url: 
         assert [r.status_code for r in answers] == [200] * len(answers)
     finally:
         await database.close()
+
+
+async def test_a_sqlite_read_that_fails_is_the_json_503_of_every_database_error(
+        tmp_path: Path) -> None:
+    """The lookup and the pages read SQLite through its driver directly (app/db.py); a failure
+    there is answered like any database error, not as a 500."""
+    path = tmp_path / "reads.db"
+    settings = make_settings(database_url=f"sqlite:///{path}")
+    database = Database(settings)
+    upgrade(database.engine)
+    record_send(database.engine, "s1", "79000000001", "camp")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), client_for(app) as c:
+        before = await c.get("/api/v1/messages/s1")
+        assert before.status_code == 200 and before.json()["msg_id"] == "s1"
+        with database.engine.begin() as conn:
+            conn.execute(text("DROP TABLE messages"))  # what a damaged file would look like
+        answers = [await c.get("/api/v1/messages/s1"),
+                   await c.get("/api/v1/messages?p_transaction_id=camp")]
+    database.engine.dispose()
+    assert [r.status_code for r in answers] == [503, 503]
+    for r in answers:
+        assert r.json() == {"detail": "database unavailable"}
+        assert r.headers["retry-after"] == "5"
