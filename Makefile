@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test test-embedded-pg container-test container-tools browser bench clean
+.PHONY: run test test-embedded-pg container-test container-tools browser bench bench-tools clean
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,7 +60,12 @@ container-test: $(TEST_STAMP) container-tools
 	tests/container/base-image.sh
 	DLR_CONTAINER_TEST_REQUIRED=1 $(BIN)/pytest -m container tests/test_container.py $(PYTEST_ARGS)
 
-bench: $(TEST_STAMP)
+# wrk drives the load; a fresh machine lacks it (installing it needs root, as on CI).
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+
+bench: $(TEST_STAMP) bench-tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
