@@ -14,6 +14,11 @@ uvicorn times out idle keep-alive connections but nothing else at the connection
   out with `Connection: close` and the connection is closed, instead of reading the rest of
   a body nobody will use.
 
+- The access line is written here, when the answer starts, through logs.AccessLog's
+  cached formatter, when uvicorn's access logger holds only the project's own handler;
+  otherwise uvicorn's own access logging runs as before. uvicorn's per-request LogRecord and
+  its formatting were most of what the default access log cost a trivial route.
+
 Both refusals close gently: the server half-closes, drops whatever the client still sends,
 and closes when the client does or after LINGER seconds. Closing outright with unread bytes
 makes the kernel answer them with a reset, which can destroy the answer before the client

@@ -16,6 +16,7 @@ another test module.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -125,8 +126,28 @@ def client_for(app: FastAPI, peer: str = "127.0.0.1") -> httpx.AsyncClient:
 DLR = str(Path(sys.executable).with_name("dlr"))
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range: a server restarted on the same port
+    (a sink brought back up) can otherwise find it taken as some client's source port
+    (EADDRINUSE, seen once in the forwarding crash test)."""
+    below = range(10000, _ephemeral_ports().start)
+    for _ in range(200 if len(below) > 1000 else 0):
+        port = random.choice(below)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
