@@ -38,15 +38,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         await database.open()
         stack.push_async_callback(database.close)
-        forwarder = Forwarder(database.engine, settings)
+        ingestor = Ingestor(database.engine, max_batch=settings.batch_max_size,
+                            forwarding=Outbox())
+        ingestor.start()
+        # Closed after the forwarder, whose last round may run on the writer's thread, and
+        # before the database: uvicorn has stopped accepting and waited for requests in
+        # flight; those waiting on a batch are answered before the writer stops.
+        stack.push_async_callback(ingestor.close)
+        forwarder = Forwarder(database.engine, settings,
+                              run_db=ingestor.call if settings.is_sqlite else None)
         await forwarder.start()
         stack.push_async_callback(forwarder.close)
-        ingestor = Ingestor(database.engine, max_batch=settings.batch_max_size,
-                            forwarding=Outbox(), on_commit=forwarder.wake)
-        ingestor.start()
-        # Closed before the database: uvicorn has stopped accepting and waited for requests
-        # in flight; those waiting on a batch are answered before the writers stop.
-        stack.push_async_callback(ingestor.close)
+        ingestor.on_commit = forwarder.wake  # new deliveries: the forwarder sends them now
         try:
             sender: Sender | None = Sender.from_settings(settings, ingestor)
         except NotConfigured:

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,15 +97,24 @@ def retry_delay(schedule: Sequence[float], attempts_made: int) -> float | None:
     return schedule[attempts_made - 1] * random.uniform(1 - JITTER, 1 + JITTER)
 
 
+# Where the database rounds run: a coroutine function taking (fn, *args), like Ingestor.call.
+DbRunner = Callable[..., Awaitable[Any]]
+
+
 class Forwarder:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, run_db: DbRunner | None = None
+                 ) -> None:
+        """`run_db`: where the database rounds run; by default the Forwarder's own thread
+        (the API's reads keep theirs, ingest its writer). On SQLite the lifespan passes the
+        ingest writer's `Ingestor.call`: one file has one writer at a time."""
         self.engine = engine
         self.settings = settings
         self.schedule = list(settings.forward_retry_schedule)
         self.timeout = settings.forward_timeout
         self.concurrency = settings.forward_concurrency
-        # Its own thread: the API's reads keep anyio's pool, ingest keeps its writers.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dlr-forward")
+        self._run_db = run_db
+        self._executor = None if run_db is not None else ThreadPoolExecutor(
+            1, thread_name_prefix="dlr-forward")
         self._lanes: dict[str, Lane] = {}
         self._outcomes: list[Outcome] = []
         self._disable: dict[str, str] = {}
@@ -168,7 +177,8 @@ class Forwarder:
                             "sent again): %s", str(exc).splitlines()[0])
         if self._client is not None:
             await self._client.aclose()
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def wake(self) -> None:
         """New deliveries were committed: claim them now rather than at the next poll."""
@@ -184,6 +194,8 @@ class Forwarder:
     # --- the loop ------------------------------------------------------------------------
 
     async def _db(self, fn: Any, *args: Any) -> Any:
+        if self._run_db is not None:
+            return await self._run_db(fn, *args)
         assert self._loop is not None
         return await self._loop.run_in_executor(self._executor, fn, *args)
 
