@@ -267,9 +267,14 @@ def sqlite_read(statement: ClauseElement) -> SqliteRead:
                       tuple(i for i, c in enumerate(columns) if isinstance(c.type, UTCDateTime)))
 
 
+def sqlite_time_text(value: datetime) -> str:
+    """A UTCDateTime as SQLite stores it: naive UTC in the text sqlite3's datetime adapter
+    writes (`isoformat(" ")`). `_utc` reads it back."""
+    return cast(datetime, time_binder(_SQLITE)(value)).isoformat(" ")
+
+
 def _sqlite_param(value: Any) -> Any:
-    """A parameter as UTCDateTime binds it (naive UTC, which sqlite3 writes as text)."""
-    return time_binder(_SQLITE)(value) if isinstance(value, datetime) else value
+    return sqlite_time_text(value) if isinstance(value, datetime) else value
 
 
 def _utc(stored: str) -> datetime:

@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import metrics
-from app.db import time_binder
+from app.db import sqlite_time_text
 from app.models import Event, Merge, Message, Rejected, Send
 from app.notifications import FINAL_RANK, RANK, Notification, Rejection, Status, msg_key
 from app.schemas import MessageSummary
@@ -185,10 +185,9 @@ def stamper(dialect: Dialect) -> Callable[[datetime], Any]:
     and used for all its columns (the conversion was a tenth of a writer's time per row)."""
     if dialect.name == "postgresql":
         return datetime.isoformat
-    bind = time_binder(dialect)
-    # The text sqlite3's own datetime adapter writes (`isoformat(" ")`), made here once: the
-    # adapter is a Python call per time parameter, four to five per row.
-    return lambda value: bind(value).isoformat(" ")
+    # The stored text made here once: sqlite3's adapter is a Python call per time parameter,
+    # four to five per row.
+    return sqlite_time_text
 
 
 def _bulk_insert(conn: Connection, table: str, columns: tuple[tuple[str, str], ...],
