@@ -12,8 +12,9 @@ import logging
 import re
 import threading
 import time
+import weakref
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import unquote_to_bytes
 
 _TOKEN_PATH = re.compile(r"(/dlr/)[^\s?\"]+", re.IGNORECASE)
@@ -122,16 +123,29 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes lines in batches: a write and a flush per access line were most of its cost
     (the project's /healthz served about half of a bare route's rate with the default access
     log). Lines wait at most FLUSH_SECONDS; a warning or worse, or a full buffer, is written
-    at once, and everything is written at shutdown (logging.shutdown flushes handlers). A
-    SIGKILL loses at most FLUSH_SECONDS of lines."""
+    at once. The app's shutdown calls `write_through_all`: uvicorn ends a SIGTERM'd or
+    SIGINT'd server by raising the signal again with the default action, which kills the
+    process before `logging.shutdown` could flush (CI once lost the last requests' lines that
+    way), so from then on every line is written as it comes. A SIGKILL loses at most
+    FLUSH_SECONDS of lines."""
 
     FLUSH_SECONDS = 0.2
     MAX_LINES = 512
+    _every: ClassVar[weakref.WeakSet[BufferedStreamHandler]] = weakref.WeakSet()
 
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
         self._lines: list[str] = []
+        self._through = False
+        self._every.add(self)
         threading.Thread(target=self._flusher, name="log-flush", daemon=True).start()
+
+    @classmethod
+    def write_through_all(cls) -> None:
+        """Write every handler's waiting lines now, and every later line at once."""
+        for handler in list(cls._every):
+            handler._through = True
+            handler.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -145,7 +159,7 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Queue a formatted line; written within FLUSH_SECONDS, or now when `urgent`."""
         with self.lock:  # type: ignore[union-attr]
             self._lines.append(line + self.terminator)
-            urgent = urgent or len(self._lines) >= self.MAX_LINES
+            urgent = urgent or self._through or len(self._lines) >= self.MAX_LINES
         if urgent:
             self.flush()
 

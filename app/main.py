@@ -23,6 +23,7 @@ from app.forwarding import api as forwarding_api
 from app.forwarding.dispatcher import Forwarder
 from app.forwarding.events import Outbox
 from app.ingest import Ingestor
+from app.logs import BufferedStreamHandler
 from app.sender import NotConfigured, Sender
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     process.tune()
     async with AsyncExitStack() as stack:
+        # Pushed first, so run last; the lines logged after it are written at once.
+        stack.callback(BufferedStreamHandler.write_through_all)
         database = Database(settings)
         await database.open()
         stack.push_async_callback(database.close)

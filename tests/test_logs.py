@@ -91,7 +91,11 @@ def _serve_and_log(tmp_path: Any, log_format: str) -> list[str]:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         assert proc.stdout is not None
-        return proc.stdout.read().decode().splitlines()
+        lines = proc.stdout.read().decode().splitlines()
+    # uvicorn's last line comes just before it kills the process with the signal it caught:
+    # nothing logged, up to the very end, waits in the buffer and dies with it.
+    assert "Finished server process" in lines[-1]
+    return lines
 
 
 EXPECTED_ACCESS = [  # (request line as logged, status); tokens masked
