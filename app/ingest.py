@@ -345,15 +345,29 @@ def _change(row: Any, n: Notification) -> Change | None:
     )
 
 
+# SQLite: the merged rows of a round read back in one step, as one JSON array. RETURNING
+# steps once per row, and sqlite3 hands the GIL to the event loop and back at every step
+# (with forwarding on, a batch's writes took 12-15 ms instead of 6 under the callback mix).
+_SQLITE_READ_BACK = (
+    f"SELECT json_group_array(json_array({', '.join(_MESSAGE_NAMES)})) FROM messages "
+    "WHERE msg_key IN (SELECT value FROM json_each(?))")
+
+
 def upsert_messages(conn: Connection, rows: list[MessageRow], *, returning: bool
                     ) -> list[Change]:
     """Merge message rows; with `returning`, report the status changes and replies."""
     changes: list[Change] = []
-    tail = MESSAGE_UPSERT + (f" RETURNING {', '.join(_MESSAGE_NAMES)}" if returning else "")
+    sqlite = conn.dialect.name == "sqlite"
+    tail = MESSAGE_UPSERT + (f" RETURNING {', '.join(_MESSAGE_NAMES)}"
+                             if returning and not sqlite else "")
     for part in _rounds(rows):
         # Sorted keys make concurrent writers (replicas) lock rows in the same order.
         part.sort(key=lambda r: r[0][_KEY])
         returned = _bulk_insert(conn, "messages", MESSAGE_COLUMNS, [r for r, _ in part], tail)
+        if returning and sqlite:
+            # Read after each round, so a row is as that round left it, as RETURNING gives.
+            keys = json.dumps([row[_KEY] for row, n in part if n is not None])
+            returned = json.loads(conn.exec_driver_sql(_SQLITE_READ_BACK, (keys,)).scalar_one())
         if returning:
             by_key = {r[0]: r for r in returned}
             for row, n in part:
