@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Connection, Select, Table, and_, case, func, or_, select, update
 
+from app.ingest import stamper
 from app.models import Delivery, DeliveryAttempt, Endpoint, OutboundEvent
 
 D = cast(Table, Delivery.__table__)
@@ -67,13 +68,15 @@ def claim(conn: Connection, endpoint_id: str, limit: int, now: datetime,
            # next_attempt_at alone: the due index's own order, so no sort of the backlog
            .order_by(D.c.next_attempt_at).limit(limit)
            .with_for_update(skip_locked=True))
+    leased = {"lease_until": now + lease, "lease_token": token}
+    if conn.dialect.name == "sqlite":
+        return _sqlite_claim(conn, endpoint_id, due, now, leased)
     # A CTE, not `id IN (subquery)`: PostgreSQL may rescan an IN subquery as a semi-join
     # and then ignores its LIMIT (one claim took 568 rows of a 32-row limit). A CTE that
     # locks rows is evaluated exactly once.
     chosen = due.cte("due")
     rows = conn.execute(
-        update(D).where(D.c.id == chosen.c.id, _due(now))
-        .values(lease_until=now + lease, lease_token=token)
+        update(D).where(D.c.id == chosen.c.id, _due(now)).values(**leased)
         .returning(D.c.id, D.c.attempts, D.c.event_id)).all()
     if not rows:
         return []
@@ -86,68 +89,96 @@ def claim(conn: Connection, endpoint_id: str, limit: int, now: datetime,
     return claims
 
 
-_NEXT = bindparam("b_next", type_=D.c.next_attempt_at.type)
-_FINISH = (update(D).where(D.c.id == bindparam("b_id"), D.c.lease_token == bindparam("b_token"))
-           .values(status=bindparam("b_status"), attempts=D.c.attempts + 1,
-                   next_attempt_at=func.coalesce(_NEXT, D.c.next_attempt_at),
-                   lease_until=None, lease_token=None,
-                   last_status_code=bindparam("b_code"), last_error=bindparam("b_error"),
-                   finished_at=bindparam("b_finished", type_=D.c.finished_at.type)))
-_RELEASE = (update(D).where(D.c.id == bindparam("b_id"), D.c.lease_token == bindparam("b_token"))
-            .values(lease_until=None, lease_token=None))
+def _sqlite_claim(conn: Connection, endpoint_id: str, due: Select[Any], now: datetime,
+                  leased: dict[str, Any]) -> list[Claim]:
+    """The claim in three statements of one step each, the rows read as one JSON array.
+
+    sqlite3 steps once per row a statement returns and hands the GIL to the event loop and
+    back at each step; on SQLite the dispatcher's rounds run on the ingest writer's thread,
+    so per-row steps there delayed every callback's batch. The update repeats the due
+    condition, so a row another process leased since the first read is not taken.
+    """
+    ids = json.loads(conn.execute(
+        select(func.json_group_array(due.subquery().c.id))).scalar_one())
+    if not ids:
+        return []
+    conn.execute(update(D).where(D.c.id.in_(ids), _due(now)).values(**leased))
+    rows = json.loads(conn.execute(
+        select(func.json_group_array(func.json_array(
+            D.c.id, D.c.attempts, E.c.webhook_id, E.c.payload)))
+        .select_from(D.join(E, E.c.id == D.c.event_id))
+        .where(D.c.id.in_(ids), D.c.lease_token == leased["lease_token"])).scalar_one())
+    return sorted((Claim(delivery_id, endpoint_id, attempts, webhook_id, payload.encode(),
+                         leased["lease_token"])
+                   for delivery_id, attempts, webhook_id, payload in rows),
+                  key=lambda c: c.delivery_id)
 
 
-# PostgreSQL: the outcomes as one JSON parameter, one statement for any number of rows (an
-# executemany is a round trip per row: 50 rows took 20-60 ms).
-_PG_FINISH = """
+def _json_rows(dialect: str, columns: str) -> str:
+    """A row source over one JSON array parameter of objects, aliased `v`: `columns` is
+    "name type, ..." (PostgreSQL types). One statement writes any number of rows: an
+    executemany is a round trip per row on PostgreSQL (50 rows took 20-60 ms) and a step,
+    with a GIL hand-off to the event loop, per row on SQLite."""
+    if dialect == "postgresql":
+        return f"json_to_recordset(%s::json) AS v({columns})"
+    names = [c.split()[0] for c in columns.split(",")]
+    fields = ", ".join(f"json_extract(value, '$.{n}') AS {n}" for n in names)
+    return f"(SELECT {fields} FROM json_each(?)) AS v"
+
+
+def _by_dialect(template: str, columns: str) -> dict[str, str]:
+    """`template` with its {rows} source for each database."""
+    return {d: template.format(rows=_json_rows(d, columns)) for d in ("postgresql", "sqlite")}
+
+
+_ATTEMPT_COLUMNS = ("delivery_id bigint, endpoint_id text, attempted_at timestamptz, "
+                    "status_code integer, ok boolean, latency_ms double precision, "
+                    "response text")
+_ATTEMPT_NAMES = ", ".join(c.split()[0] for c in _ATTEMPT_COLUMNS.split(","))
+_ATTEMPTS = _by_dialect(
+    f"INSERT INTO delivery_attempts ({_ATTEMPT_NAMES}) SELECT {_ATTEMPT_NAMES} FROM {{rows}}",
+    _ATTEMPT_COLUMNS)
+_FINISH = _by_dialect("""
 UPDATE deliveries AS d SET status = v.status, attempts = d.attempts + 1,
     next_attempt_at = COALESCE(v.next_attempt_at, d.next_attempt_at),
     lease_until = NULL, lease_token = NULL, last_status_code = v.code, last_error = v.error,
     finished_at = v.finished_at
-FROM json_to_recordset(%s::json) AS v(id bigint, token text, status text,
-     next_attempt_at timestamptz, code integer, error text, finished_at timestamptz)
+FROM {rows}
 WHERE d.id = v.id AND d.lease_token = v.token
-"""
-_PG_RELEASE = """
+""", "id bigint, token text, status text, next_attempt_at timestamptz, code integer, "
+     "error text, finished_at timestamptz")
+_RELEASE = _by_dialect("""
 UPDATE deliveries AS d SET lease_until = NULL, lease_token = NULL
-FROM json_to_recordset(%s::json) AS v(id bigint, token text)
+FROM {rows}
 WHERE d.id = v.id AND d.lease_token = v.token
-"""
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+""", "id bigint, token text")
 
 
 def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
     """Write attempts and the deliveries' new state (several outcomes, one transaction)."""
     done = [o for o in outcomes if o.attempted_at is not None]
     released = [o for o in outcomes if o.attempted_at is None]
+    dialect = conn.dialect.name
+    stamp = stamper(conn.dialect)
+
+    def at(value: datetime | None) -> Any:
+        return stamp(value) if value is not None else None
+
     if done:
-        conn.execute(A.insert(), [
-            {"delivery_id": o.delivery_id, "endpoint_id": o.endpoint_id,
-             "attempted_at": o.attempted_at, "status_code": o.status_code, "ok": o.ok,
-             "latency_ms": o.latency_ms, "response": o.response} for o in done])
-    if conn.dialect.name == "postgresql":
-        if done:
-            conn.exec_driver_sql(_PG_FINISH, (json.dumps([
-                {"id": o.delivery_id, "token": o.token, "status": o.status,
-                 "next_attempt_at": _iso(o.next_attempt_at), "code": o.status_code,
-                 "error": o.error, "finished_at": _iso(o.attempted_at)
-                 if o.status != PENDING else None} for o in done]),))
-        if released:
-            conn.exec_driver_sql(_PG_RELEASE, (json.dumps(
-                [{"id": o.delivery_id, "token": o.token} for o in released]),))
-        return
-    if done:
-        conn.execute(_FINISH, [
-            {"b_id": o.delivery_id, "b_token": o.token, "b_status": o.status,
-             "b_next": o.next_attempt_at, "b_code": o.status_code, "b_error": o.error,
-             "b_finished": o.attempted_at if o.status != PENDING else None}
-            for o in done])
+        conn.exec_driver_sql(_ATTEMPTS[dialect], (
+            json.dumps([{"delivery_id": o.delivery_id, "endpoint_id": o.endpoint_id,
+                         "attempted_at": at(o.attempted_at), "status_code": o.status_code,
+                         "ok": o.ok, "latency_ms": o.latency_ms, "response": o.response}
+                        for o in done]),))
+        conn.exec_driver_sql(_FINISH[dialect], (
+            json.dumps([{"id": o.delivery_id, "token": o.token, "status": o.status,
+                         "next_attempt_at": at(o.next_attempt_at), "code": o.status_code,
+                         "error": o.error,
+                         "finished_at": at(o.attempted_at) if o.status != PENDING else None}
+                        for o in done]),))
     if released:
-        conn.execute(_RELEASE, [{"b_id": o.delivery_id, "b_token": o.token}
-                                for o in released])
+        conn.exec_driver_sql(_RELEASE[dialect], (json.dumps(
+            [{"id": o.delivery_id, "token": o.token} for o in released]),))
 
 
 def disable(conn: Connection, endpoint_id: str, reason: str, now: datetime) -> None:
