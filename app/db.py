@@ -268,9 +268,11 @@ def sqlite_read(statement: ClauseElement) -> SqliteRead:
 
 
 def sqlite_time_text(value: datetime) -> str:
-    """A UTCDateTime as SQLite stores it: naive UTC in the text sqlite3's datetime adapter
-    writes (`isoformat(" ")`). `_utc` reads it back."""
-    return cast(datetime, time_binder(_SQLITE)(value)).isoformat(" ")
+    """A UTCDateTime as SQLite stores it: naive UTC with six digits of microseconds, the text
+    SQLAlchemy's SQLite DATETIME writes. (sqlite3's own adapter, `isoformat(" ")`, drops
+    `.000000` at a whole second, and the shorter text then sorts before the same instant
+    written by SQLAlchemy.) `_utc` reads it back."""
+    return cast(datetime, time_binder(_SQLITE)(value)).isoformat(" ", "microseconds")
 
 
 def _sqlite_param(value: Any) -> Any:

@@ -105,3 +105,23 @@ def test_outcomes_are_recorded_only_under_the_claimers_token(engine: Engine) -> 
                                        (retry.delivery_id, 503, False, None)])
     assert [c.delivery_id for c in _claim(engine, ep.id, 10, now)] == [
         handed_back.delivery_id]
+
+
+def test_an_answer_with_nul_bytes_is_recorded_whole_and_stops_nothing(engine: Engine) -> None:
+    # A UTF-16 or binary body decodes with NULs, which PostgreSQL's text refuses (the round
+    # would fail, and be retried, forever) and SQLite's JSON functions cut off.
+    ep = add_endpoint(engine, "http://127.0.0.1:9/")
+    emit(engine, [status_event("m-0", "delivered")])
+    now = datetime.now(UTC)
+    (taken,) = _claim(engine, ep.id, 1, now)
+    answer = "b\x00o\x00d\x00y 😀 ends here"
+    with engine.begin() as conn:
+        record(conn, [Outcome(taken.delivery_id, ep.id, taken.token, "pending",
+                              next_attempt_at=now, attempted_at=now, status_code=500,
+                              response=answer, error=f"HTTP 500: {answer}")])
+    with engine.connect() as conn:
+        delivery = conn.execute(select(Delivery)).one()
+        response = conn.scalar(select(DeliveryAttempt.response))
+    shown = answer.replace("\x00", "\ufffd")
+    assert response == shown
+    assert delivery.last_error == f"HTTP 500: {shown}" and delivery.attempts == 1

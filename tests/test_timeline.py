@@ -11,7 +11,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine, insert
 
+from app.ingest import store
 from app.models import Event
+from app.notifications import interpret
 
 TYPES = ("delivery", "seen", "reply")
 
@@ -185,3 +187,24 @@ def test_timeline_conforms_to_its_schema(sqlite_url: str) -> None:
             case.call_and_validate(excluded_checks=[positive_data_acceptance])
 
         check()
+
+
+async def test_a_notification_on_a_whole_second_is_inside_a_window_starting_then(
+        client: httpx.AsyncClient, engine: Engine) -> None:
+    # The write path and SQLAlchemy must store a time as the same text: at a whole second
+    # sqlite3's own adapter leaves out ".000000", and that text sorts before the window's
+    # start bound by the API, so the boundary's notification went missing.
+    second = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with engine.begin() as conn:
+        store(conn, [interpret({"type": "delivery", "msg_id": "on-the-second",
+                                "status": "delivered"}, received_at=second)])
+    since = {"since": second.isoformat()}
+    stats = (await client.get("/api/v1/stats", params=since)).json()
+    page = (await client.get("/api/v1/messages", params=since)).json()
+    before = (await client.get("/api/v1/stats",
+                               params={"until": second.isoformat()})).json()
+    assert {k: n for k, n in stats["by_status"].items() if n} == {"delivered": 1}
+    assert sum(stats["events_by_type"].values()) == 1
+    assert [m["msg_id"] for m in page["items"]] == ["on-the-second"]
+    # `until` is exclusive: the same instant is not before it.
+    assert sum(before["by_status"].values()) == 0

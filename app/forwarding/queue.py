@@ -154,6 +154,13 @@ WHERE d.id = v.id AND d.lease_token = v.token
 """, "id bigint, token text")
 
 
+def _text(value: str | None) -> str | None:
+    """An endpoint's answer (or an error quoting it) as a text column can hold it: a NUL, which
+    a UTF-16 or binary body carries, is refused by PostgreSQL (and the whole round with it,
+    retried forever) and ends the string for SQLite's JSON functions."""
+    return value.replace("\x00", "\ufffd") if value is not None else None
+
+
 def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
     """Write attempts and the deliveries' new state (several outcomes, one transaction)."""
     done = [o for o in outcomes if o.attempted_at is not None]
@@ -168,12 +175,12 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
         conn.exec_driver_sql(_ATTEMPTS[dialect], (
             json.dumps([{"delivery_id": o.delivery_id, "endpoint_id": o.endpoint_id,
                          "attempted_at": at(o.attempted_at), "status_code": o.status_code,
-                         "ok": o.ok, "latency_ms": o.latency_ms, "response": o.response}
+                         "ok": o.ok, "latency_ms": o.latency_ms, "response": _text(o.response)}
                         for o in done]),))
         conn.exec_driver_sql(_FINISH[dialect], (
             json.dumps([{"id": o.delivery_id, "token": o.token, "status": o.status,
                          "next_attempt_at": at(o.next_attempt_at), "code": o.status_code,
-                         "error": o.error,
+                         "error": _text(o.error),
                          "finished_at": at(o.attempted_at) if o.status != PENDING else None}
                         for o in done]),))
     if released:
