@@ -28,12 +28,11 @@ from itertools import chain
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 from sqlalchemy import Column, Connection, Engine, Table, insert
-from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import metrics
-from app.db import sqlite_time_text
+from app.db import stamper
 from app.models import Event, Merge, Message, Rejected, Send
 from app.notifications import FINAL_RANK, RANK, Notification, Rejection, Status, msg_key
 from app.schemas import MessageSummary
@@ -177,17 +176,6 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     raise TypeError(f"{type(value).__name__} in a write-path row")
-
-
-def stamper(dialect: Dialect) -> Callable[[datetime], Any]:
-    """A time as the write path binds it: SQLite's stored text (the column type's own
-    format), ISO 8601 in PostgreSQL's JSON batch. Each notification's time is converted once
-    and used for all its columns (the conversion was a tenth of a writer's time per row)."""
-    if dialect.name == "postgresql":
-        return datetime.isoformat
-    # The stored text made here once: sqlite3's adapter is a Python call per time parameter,
-    # four to five per row.
-    return sqlite_time_text
 
 
 def _bulk_insert(conn: Connection, table: str, columns: tuple[tuple[str, str], ...],

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection
 
-from app.db import time_binder, utcnow
+from app.db import stamper, utcnow
 
 EventType = Literal["message.status", "message.reply"]
 EVENT_TYPES: tuple[EventType, ...] = ("message.status", "message.reply")
@@ -130,7 +130,7 @@ def _write(conn: Connection, events: Sequence[ForwardEvent]) -> int:
              "payload": body(e), "occurred_at": e.occurred_at.isoformat()}
             for e in events])
         return int(conn.exec_driver_sql(PG_ENQUEUE, (batch, now, now)).rowcount)
-    t = time_binder(conn.dialect)
+    t = stamper(conn.dialect)
     created = 0
     for i in range(0, len(events), SQLITE_CHUNK):
         part = events[i:i + SQLITE_CHUNK]

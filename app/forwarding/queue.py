@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Select, Table, and_, case, func, or_, select, update
 
-from app.ingest import stamper
+from app.db import stamper
 from app.models import Delivery, DeliveryAttempt, Endpoint, OutboundEvent
 
 D = cast(Table, Delivery.__table__)
@@ -114,6 +114,11 @@ def _sqlite_claim(conn: Connection, endpoint_id: str, due: Select[Any], now: dat
                   key=lambda c: c.delivery_id)
 
 
+def _names(columns: str) -> list[str]:
+    """The names of "name type, ..."."""
+    return [c.split()[0] for c in columns.split(",")]
+
+
 def _json_rows(dialect: str, columns: str) -> str:
     """A row source over one JSON array parameter of objects, aliased `v`: `columns` is
     "name type, ..." (PostgreSQL types). One statement writes any number of rows: an
@@ -121,8 +126,7 @@ def _json_rows(dialect: str, columns: str) -> str:
     with a GIL hand-off to the event loop, per row on SQLite."""
     if dialect == "postgresql":
         return f"json_to_recordset(%s::json) AS v({columns})"
-    names = [c.split()[0] for c in columns.split(",")]
-    fields = ", ".join(f"json_extract(value, '$.{n}') AS {n}" for n in names)
+    fields = ", ".join(f"json_extract(value, '$.{n}') AS {n}" for n in _names(columns))
     return f"(SELECT {fields} FROM json_each(?)) AS v"
 
 
@@ -134,7 +138,7 @@ def _by_dialect(template: str, columns: str) -> dict[str, str]:
 _ATTEMPT_COLUMNS = ("delivery_id bigint, endpoint_id text, attempted_at timestamptz, "
                     "status_code integer, ok boolean, latency_ms double precision, "
                     "response text")
-_ATTEMPT_NAMES = ", ".join(c.split()[0] for c in _ATTEMPT_COLUMNS.split(","))
+_ATTEMPT_NAMES = ", ".join(_names(_ATTEMPT_COLUMNS))
 _ATTEMPTS = _by_dialect(
     f"INSERT INTO delivery_attempts ({_ATTEMPT_NAMES}) SELECT {_ATTEMPT_NAMES} FROM {{rows}}",
     _ATTEMPT_COLUMNS)
