@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from playwright.sync_api import Browser, expect
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from app.config import Settings
 from app.forwarding.queue import Outcome, record
@@ -26,10 +26,10 @@ def test_endpoints_panel_shows_health_and_replays(browser: Browser, settings: Se
     emit(engine, [status_event(f"m-{i}", "delivered") for i in range(3)])
     with engine.begin() as conn:  # one delivered, one refused with a 500
         first, second, third = conn.scalars(select(Delivery.id).order_by(Delivery.id))
-        conn.execute(Delivery.__table__.update().values(lease_token="t"))
+        conn.execute(update(Delivery).values(lease_token="t"))
         # The third stays pending but not due for an hour: the app's dispatcher must not
         # attempt it (refused on port 9) before the page reads the 50 % success rate.
-        conn.execute(Delivery.__table__.update().where(Delivery.id == third)
+        conn.execute(update(Delivery).where(Delivery.id == third)
                      .values(next_attempt_at=datetime.now(UTC) + timedelta(hours=1)))
         record(conn, [
             Outcome(first, ep.id, "t", "delivered", attempted_at=status_event("x", "x")
