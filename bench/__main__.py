@@ -32,6 +32,7 @@ from sqlalchemy import text
 from app.config import load_settings
 from app.db import make_engine
 from app.migrate import upgrade
+from bench.cpu import Snapshot, cell, per_request, used
 from bench.forwarding import forwarding_round, markdown_rows
 from bench.seed import seed
 
@@ -52,13 +53,20 @@ class Wrk:
     duration_s: float
     quantiles_us: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # bench/cpu.py's `used`
+
+    @property
+    def cpu_per_request(self) -> dict[str, float]:
+        return per_request(self.cpu, self.requests)
 
 
 def wrk(url: str, script: str, seconds: int, connections: int, env: dict[str, str]) -> Wrk:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
            "-s", str(HERE / script), url]
+    before = Snapshot.take()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          env=os.environ | env).stdout
+    cpu = used(before, Snapshot.take())
     line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
     data = json.loads(line.removeprefix("WRK_JSON "))
     non_200 = (data["status_errors"] + data["connect_errors"] + data["read_errors"]
@@ -67,7 +75,8 @@ def wrk(url: str, script: str, seconds: int, connections: int, env: dict[str, st
                p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000,
                non_200=non_200, requests=data["requests"],
                duration_s=data["duration_us"] / 1e6, quantiles_us=data["quantiles_us"],
-               extra={k: v for k, v in data.items() if k in ("distinct_sent", "resends_sent")})
+               extra={k: v for k, v in data.items() if k in ("distinct_sent", "resends_sent")},
+               cpu=cpu)
 
 
 def merge(runs: list[Wrk]) -> Wrk:
@@ -87,12 +96,15 @@ def merge(runs: list[Wrk]) -> Wrk:
     requests = sum(r.requests for r in runs)
     duration = sum(r.duration_s for r in runs)
     extra: dict[str, Any] = {}
+    cpu: dict[str, float] = {}
     for r in runs:
         for k, v in r.extra.items():
             extra[k] = extra.get(k, 0) + v
+        for k, seconds in r.cpu.items():
+            cpu[k] = cpu.get(k, 0.0) + seconds
     return Wrk(rps=requests / duration, p50_ms=percentile(50), p99_ms=percentile(99),
                non_200=sum(r.non_200 for r in runs), requests=requests, duration_s=duration,
-               quantiles_us=[], extra=extra)
+               quantiles_us=[], extra=extra, cpu=cpu)
 
 
 def bracketed(url: str, loads: dict[str, tuple[str, str, dict[str, str]]], seconds: int,
@@ -248,7 +260,8 @@ def ingest_round(server: Server, db: Database, seconds: int, connections: int,
         "p50_ms": mix.p50_ms, "p99_ms": mix.p99_ms, "non_200": mix.non_200 + baseline.non_200,
         "distinct_sent": sent, "resends_sent": mix.extra["resends_sent"],
         "stored": stored["stored"], "checks": checks, "exact": all(checks.values()),
-        "memory": server.memory_mb(),
+        "memory": server.memory_mb(), "cpu": mix.cpu_per_request,
+        "baseline_cpu": baseline.cpu_per_request,
     }
 
 
@@ -277,7 +290,8 @@ def logging_round(db: Database, seconds: int, connections: int, workdir: Path) -
     return {"bare_rps": round(baseline.rps), "bare_p99_ms": baseline.p99_ms,
             "rps": round(logged.rps), "ratio": round(logged.rps / baseline.rps, 2),
             "p50_ms": logged.p50_ms, "p99_ms": logged.p99_ms, "non_200": logged.non_200,
-            "access_lines": lines, "requests": logged.requests}
+            "access_lines": lines, "requests": logged.requests, "cpu": logged.cpu_per_request,
+            "bare_cpu": baseline.cpu_per_request}
 
 
 def lookup_round(server: Server, messages: int, seconds: int, connections: int,
@@ -300,8 +314,10 @@ def lookup_round(server: Server, messages: int, seconds: int, connections: int,
     return {
         "connections": connections, "messages": messages,
         "baseline_rps": round(baseline.rps), "baseline_p99_ms": baseline.p99_ms,
+        "baseline_cpu": baseline.cpu_per_request,
         **{name: {"rps": round(r.rps), "ratio": round(r.rps / baseline.rps, 2),
-                  "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "non_200": r.non_200}
+                  "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "non_200": r.non_200,
+                  "cpu": r.cpu_per_request}
            for name, r in runs.items() if name != "baseline"},
         "memory": server.memory_mb(),
     }
@@ -390,14 +406,16 @@ def run(
 def markdown(results: dict[str, Any]) -> str:
     """The results as the README's table."""
     lines = ["| backend | run | /healthz req/s (its p99) | req/s | ratio | p50 / p99 ms | non-200 "
-             "| exact | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| exact | peak RSS MB | CPU µs per request; idle cores |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lg = results.get("logging")
     if lg:
         lines.append(
             f"| – | /healthz with the default access log ({lg['access_lines']:,} lines written), "
             f"baseline: a bare FastAPI route on uvicorn, no access log | {lg['bare_rps']:,} "
             f"({lg['bare_p99_ms']:.0f} ms) | {lg['rps']:,} | **{lg['ratio']:.2f}** | "
-            f"{lg['p50_ms']:.1f} / {lg['p99_ms']:.1f} | {lg['non_200']} | – | – |")
+            f"{lg['p50_ms']:.1f} / {lg['p99_ms']:.1f} | {lg['non_200']} | – | – | "
+            f"{cell(lg['cpu'])} (bare route: {cell(lg['bare_cpu'])}) |")
     for backend, res in results["backends"].items():
         lines.extend(markdown_rows(backend, res))
         for key, rounds in res.items():
@@ -411,7 +429,8 @@ def markdown(results: dict[str, Any]) -> str:
                     f"round {i} | {r['baseline_rps']:,} ({r['baseline_p99_ms']:.0f} ms) | "
                     f"{r['ingest_rps']:,} | "
                     f"**{r['ratio']:.2f}** | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
-                    f"{r['non_200']} | {exact} | {r['memory']['peak_mb']} |")
+                    f"{r['non_200']} | {exact} | {r['memory']['peak_mb']} | "
+                    f"{cell(r['cpu'], r['baseline_cpu'])} |")
         for lk in res.get("lookups", []):
             for name, label in (("by_id", "GET /api/v1/messages/{msg_id}"),
                                 ("by_ptid_page", "a 50-row page of ?p_transaction_id=")):
@@ -421,7 +440,8 @@ def markdown(results: dict[str, Any]) -> str:
                     f"events, {lk['connections']} "
                     f"connections | {lk['baseline_rps']:,} ({lk['baseline_p99_ms']:.0f} ms) | "
                     f"{r['rps']:,} | **{r['ratio']:.2f}** | {r['p50_ms']:.1f} / "
-                    f"{r['p99_ms']:.1f} | {r['non_200']} | – | {lk['memory']['peak_mb']} |")
+                    f"{r['p99_ms']:.1f} | {r['non_200']} | – | {lk['memory']['peak_mb']} | "
+                    f"{cell(r['cpu'], lk['baseline_cpu'])} |")
     return "\n".join(lines) + "\n"
 
 

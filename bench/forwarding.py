@@ -30,6 +30,8 @@ import httpx
 from rich.console import Console
 from sqlalchemy import text
 
+from bench.cpu import cell
+
 console = Console()
 RATE = 1000.0
 PACED_CONNECTIONS = 32
@@ -208,6 +210,7 @@ def ingest_with_endpoint(server: Any, sink: Sink, db_engine: Any, bracketed: Cal
         "baseline_rps": round(baseline.rps), "ingest_rps": round(mix.rps),
         "ratio": round(mix.rps / baseline.rps, 2), "p99_ms": mix.p99_ms,
         "non_200": mix.non_200 + baseline.non_200, "events": events,
+        "cpu": mix.cpu_per_request, "baseline_cpu": baseline.cpu_per_request,
         "delivered": len(set(ids)), "duplicates": len(ids) - len(set(ids)),
         # Measured from the end of the round (the mix, then the baseline's second half).
         "drained_s_after_load": round(max(0.0, max((t for t, _, _ in got), default=stopped)
@@ -295,7 +298,8 @@ def forwarding_round(db: Any, make_server: Callable[..., Any], bracketed: Callab
 
 def markdown_rows(backend: str, res: dict[str, Any]) -> list[str]:
     """Rows for the README's table (bench/__main__.py's columns: backend, run, /healthz
-    req/s, req/s, ratio, p50 / p99 ms, non-200, exact, peak RSS MB)."""
+    req/s, req/s, ratio, p50 / p99 ms, non-200, exact, peak RSS MB, CPU)."""
+
     f = res.get("forwarding")
     if not f:
         return []
@@ -306,14 +310,14 @@ def markdown_rows(backend: str, res: dict[str, Any]) -> list[str]:
         f"answering 200 | {i['baseline_rps']:,} | {i['ingest_rps']:,} | **{i['ratio']:.2f}** "
         f"| – / {i['p99_ms']:.1f} | {i['non_200']} | {i['delivered']:,} of {i['events']:,} "
         f"events forwarded, {i['duplicates']} twice, the last {i['drained_s_after_load']} s "
-        f"after the load | – |",
+        f"after the load | – | {cell(i['cpu'], i['baseline_cpu'])} |",
         f"| {backend} | forwarding at {lt['achieved_rate']:,} callbacks/s: callback's 200 to "
         f"the event's arrival (max {lt['max_ms']:,.0f} ms) | – | – | – | "
         f"{lt['p50_ms']:.0f} / **{lt['p99_ms']:.0f}** | – | lost {lt['lost']}, twice "
         f"{lt['duplicates']}; backlog zero {lt['backlog_zero_s_after_load']} s after the load "
-        f"| – |",
+        f"| – | – |",
         f"| {backend} | sink down {o['outage_s']:.0f} s under 1,000 callbacks/s, then up: "
         f"backlog drain (first event {o['first_arrival_s_after_up']} s after the sink was up) "
         f"| – | **{drain}** | – | – | – | {o['arrived']:,} of {o['acknowledged']:,} arrived, "
-        f"lost {o['lost']}, twice {o['duplicates']} | – |",
+        f"lost {o['lost']}, twice {o['duplicates']} | – | – |",
     ]
