@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from app.db import Database, utcnow
+from app.keyed_reads import KeyedRead
 from app.models import Event, Message, Rejected
 from app.notifications import (
     SHOWN_PREFIX,
@@ -90,12 +91,13 @@ _SUMMARY_COLUMNS = [Message.__table__.c[name] for name in MessageSummary.model_f
 _EVENT_COLUMNS = [Event.__table__.c[name] for name in EventOut.model_fields]
 
 
-# Built once: constructing a statement costs more than running this indexed lookup.
-_LOOKUP = (
+# Built once: constructing a statement costs more than running this indexed lookup. Keyed:
+# the lookups of one turn of the loop are read together (app/keyed_reads.py).
+_LOOKUP = KeyedRead(
     select(*_SUMMARY_COLUMNS, *(c.label(f"e_{c.name}") for c in _EVENT_COLUMNS))
     .select_from(Message.__table__.outerjoin(Event.__table__, Event.msg_key == Message.msg_key))
-    .where(Message.msg_key == bindparam("key"))
-    .order_by(Event.id)
+    .order_by(Event.id),
+    Message.__table__.c.msg_key,
 )
 
 
@@ -104,7 +106,7 @@ _EVENT_NAMES = tuple(EventOut.model_fields)
 
 
 def message_from_rows(rows: Sequence[Sequence[Any]], msg_id: str) -> MessageOut:
-    """Build the answer from the rows of _LOOKUP; 404 HTTPException when there are none.
+    """Build the answer from one key's rows of _LOOKUP; 404 HTTPException when there are none.
 
     Validated in one call from plain dicts: a model per event built in Python cost twice as
     much (profiled)."""
@@ -122,14 +124,14 @@ def message_from_rows(rows: Sequence[Sequence[Any]], msg_id: str) -> MessageOut:
 
 
 def load_message(conn: Connection, msg_id: str) -> MessageOut:
-    """A message with its timeline, in one round trip (also used by `dlr status`)."""
-    return message_from_rows(conn.execute(_LOOKUP, {"key": msg_key(msg_id)}).all(), msg_id)
+    """A message with its timeline, in one round trip (`dlr status`)."""
+    return message_from_rows(_LOOKUP.rows(conn, msg_key(msg_id)), msg_id)
 
 
 async def fetch_message(database: Database, msg_id: str) -> MessageOut:
-    """A message with its timeline, in one round trip (on the loop: one indexed read)."""
-    rows = await database.read_rows(_LOOKUP, {"key": msg_key(msg_id)}, thread=False)
-    return message_from_rows(rows, msg_id)
+    """A message with its timeline: one indexed read on the loop, shared with the lookups
+    asked in the same turn."""
+    return message_from_rows(await database.read_keyed(_LOOKUP, msg_key(msg_id)), msg_id)
 
 
 async def get_message(request: Request, msg_id: str) -> Response:

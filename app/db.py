@@ -36,6 +36,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeDecorator
 
 from app.config import Settings
+from app.keyed_reads import KeyedRead, KeyedReads
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -152,6 +153,7 @@ class Database:
                 timeout=settings.db_timeout,
                 kwargs={"autocommit": True, "options": "-c TimeZone=UTC"}))
         self.read_limiter = CapacityLimiter(READ_THREADS)
+        self.keyed = KeyedReads(self._read_on_loop, "sqlite" if self.is_sqlite else "postgresql")
 
     async def open(self) -> None:
         if self.read_pool is not None:
@@ -205,8 +207,9 @@ class Database:
 
         PostgreSQL: on the async pool, the statement compiled once. SQLite: in a read thread,
         since rows not in cache can take milliseconds; `thread=False` reads on the loop, for
-        the one-row lookup where a local read is cheaper than any hand-off. A connection that
-        turns out dead is replaced and the read repeated once, as the writers do.
+        the lookups' keyed reads, where a local indexed read is cheaper than any hand-off. A
+        connection that turns out dead is replaced and the read repeated once, as the writers
+        do.
         """
         if self.read_pool is None:
             if thread:
@@ -223,6 +226,14 @@ class Database:
                     raise
                 await self.read_pool.check()  # drop every idle connection the restart killed
         raise AssertionError("unreachable")
+
+    async def _read_on_loop(self, statement: Statement, params: dict[str, Any]) -> list[Any]:
+        return await self.read_rows(statement, params, thread=False)
+
+    async def read_keyed(self, read: KeyedRead, key: str) -> list[Any]:
+        """The rows of one key, read on the loop in one query with every other key asked for
+        in the same turn (app/keyed_reads.py)."""
+        return await self.keyed.rows(read, key)
 
     async def ping(self) -> None:
         """Raise unless the database answers (for /readyz)."""
