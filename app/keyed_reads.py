@@ -47,6 +47,18 @@ class KeyedRead:
         return [row[:-1] for row in conn.execute(statement, params)]
 
 
+def _bindable(key: str) -> bool:
+    """Whether `key` can be bound as text on both databases: no NUL, and valid UTF-8. The write
+    path stores neither (ids must be printable; NUL in text becomes U+FFFD)."""
+    if "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 RowReader = Callable[[Select[Any], dict[str, Any]], Awaitable[list[Any]]]
 _Waiting = dict[str, list["asyncio.Future[list[Any]]"]]
 
@@ -66,6 +78,10 @@ class KeyedReads:
 
     async def rows(self, read: KeyedRead, key: str) -> list[Any]:
         """The rows of `key`, read with every other key asked for in this turn."""
+        if not _bindable(key):
+            # No stored key has it, and binding it would fail the query of every lookup
+            # asked beside it (PostgreSQL's text refuses NUL; a lone surrogate is no UTF-8).
+            return []
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         waiting = self._waiting.get(read)

@@ -74,6 +74,25 @@ async def test_one_query_for_a_turn_of_lookups_each_answered_with_its_own(
     assert not isinstance(upper, BaseException) and upper.msg_id == UUID_A  # any letter case
 
 
+async def test_ids_no_message_can_have_spoil_nothing_for_the_others_in_their_query(
+        app: FastAPI, client: httpx.AsyncClient, engine: Engine) -> None:
+    """A NUL (which PostgreSQL's text refuses), a lone surrogate (no UTF-8), a huge id, quotes
+    and JSON syntax, an emoji: none is a stored msg_id, each is a 404, and the real lookup
+    beside them is answered."""
+    await _messages(client, engine)
+    database: Database = app.state.database
+    queries = Queries(database)
+    odd = ["a\x00b", "\ud83d", "x" * 5000, "'); DROP TABLE messages; --", '["k-1"]', '"k-1"',
+           "😀", ""]
+    answers = await asyncio.gather(*(fetch_message(database, m) for m in [*odd, "k-1"]),
+                                   return_exceptions=True)
+    # One query, without the two ids no text can hold.
+    assert queries.keys == [sorted({msg_key(m) for m in [*odd[2:], "k-1"]})]
+    *missing, found = answers
+    assert all(isinstance(a, HTTPException) and a.status_code == 404 for a in missing), answers
+    assert not isinstance(found, BaseException) and found.msg_id == "k-1"
+
+
 async def test_concurrent_http_lookups_get_their_own_answers(
         app: FastAPI, client: httpx.AsyncClient, engine: Engine) -> None:
     await _messages(client, engine)
