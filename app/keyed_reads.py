@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
+import psycopg
 from sqlalchemy import ColumnElement, Connection, Select, bindparam, func, select
 
 
@@ -63,11 +66,19 @@ RowReader = Callable[[Select[Any], dict[str, Any]], Awaitable[list[Any]]]
 _Waiting = dict[str, list["asyncio.Future[list[Any]]"]]
 
 
+# Errors a key's value causes rather than the database: a character the database's
+# encoding cannot hold, a value the driver refuses. After one of these, a query of several
+# keys is tried key by key, so that only the key at fault fails.
+_KEY_ERRORS = (ValueError, psycopg.DataError, sqlite3.DataError)
+
+
 class KeyedReads:
     """One application's keyed reads, gathered per turn of its loop (`Database.read_keyed`).
 
-    A failed query fails every lookup it carried, with the database's own error (so each
-    answers as a lone lookup's failure would); the next turn's query starts afresh.
+    A query that fails because the database does (down, timed out) fails every lookup it
+    carried with the database's own error, so each answers as a lone lookup's failure would;
+    one that fails because of a key is repeated key by key. However the query's task ends,
+    even cancelled before it ran, no lookup is left waiting.
     """
 
     def __init__(self, read_rows: RowReader, dialect: str) -> None:
@@ -92,25 +103,36 @@ class KeyedReads:
         return await future
 
     def _send(self, read: KeyedRead) -> None:
-        waiting = self._waiting.pop(read)
+        self._start(read, self._waiting.pop(read))
+
+    def _start(self, read: KeyedRead, waiting: _Waiting) -> None:
         task = asyncio.get_running_loop().create_task(self._answer(read, waiting))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(partial(self._ended, waiting))
+
+    def _ended(self, waiting: _Waiting, task: asyncio.Task[None]) -> None:
+        """Whatever ended the query's task, every waiter still waiting hears of it."""
+        self._running.discard(task)
+        error = None if task.cancelled() else task.exception()
+        for futures in waiting.values():
+            for future in futures:
+                if future.done():  # answered, or its client went away
+                    continue
+                if error is None:
+                    future.cancel()
+                else:
+                    future.set_exception(error)
 
     async def _answer(self, read: KeyedRead, waiting: _Waiting) -> None:
         statement, params = read.bound(self._dialect, list(waiting))
         try:
             rows = await self._read_rows(statement, params)
-        except asyncio.CancelledError:
-            for futures in waiting.values():
-                for future in futures:
-                    future.cancel()
-            raise
-        except Exception as exc:  # noqa: BLE001 - every waiter hears of the failure
-            for futures in waiting.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(exc)
+        except _KEY_ERRORS:
+            if len(waiting) == 1:
+                raise  # the key at fault: its own lookup fails (see _ended)
+            for key, futures in waiting.items():
+                self._start(read, {key: futures})
+            waiting.clear()  # theirs now: this task's end must not touch them
             return
         by_key: dict[str, list[Any]] = {}
         for row in rows:

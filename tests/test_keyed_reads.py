@@ -112,13 +112,49 @@ async def test_a_failed_query_fails_every_lookup_it_carried_and_the_next_recover
     await _messages(client, engine)
     database: Database = app.state.database
     queries = Queries(database, fail_next=ConnectionError("database went away"))
-    failed = await asyncio.gather(*(fetch_message(database, m) for m in ("k-1", "k-2")),
-                                  return_exceptions=True)
+    failed = await asyncio.wait_for(asyncio.gather(
+        *(fetch_message(database, m) for m in ("k-1", "k-2")), return_exceptions=True),
+        timeout=10)  # a waiter nobody told would hang
     assert [type(f) for f in failed] == [ConnectionError, ConnectionError]
 
     again = await asyncio.gather(*(fetch_message(database, m) for m in ("k-1", "k-2")))
     assert [m.msg_id for m in again] == ["k-1", "k-2"]
     assert len(queries.keys) == 2
+
+
+async def test_a_key_the_database_cannot_take_fails_only_its_own_lookup(
+        app: FastAPI, client: httpx.AsyncClient, engine: Engine) -> None:
+    """As on a database whose encoding cannot hold a character of one id: the query of the
+    turn fails on the key, and is repeated key by key."""
+    await _messages(client, engine)
+    database: Database = app.state.database
+    refused = UnicodeEncodeError("latin-1", "😀", 0, 1, "ordinal not in range(256)")
+    queries = Queries(database, fail_next=refused)
+    first, second = await asyncio.wait_for(asyncio.gather(
+        *(fetch_message(database, m) for m in ("k-1", "k-2"))), timeout=10)
+    assert (first.msg_id, second.msg_id) == ("k-1", "k-2")
+    both = sorted([msg_key("k-1"), msg_key("k-2")])
+    assert queries.keys == [both, [msg_key("k-1")], [msg_key("k-2")]]
+
+    queries.fail_next = refused  # alone, the lookup at fault gets its own error
+    with pytest.raises(UnicodeEncodeError):
+        await asyncio.wait_for(fetch_message(database, "k-1"), timeout=10)
+
+
+async def test_no_lookup_hangs_when_its_query_is_cancelled_before_it_ran(
+        app: FastAPI, client: httpx.AsyncClient, engine: Engine) -> None:
+    await _messages(client, engine)
+    database: Database = app.state.database
+    lookups = [asyncio.create_task(fetch_message(database, m)) for m in ("k-1", "k-2", "k-1")]
+    await asyncio.sleep(0)  # they have asked
+    await asyncio.sleep(0)  # their query's task exists, and has not run yet
+    queued = list(database.keyed._running)
+    assert len(queued) == 1
+    queued[0].cancel()
+    done = await asyncio.wait_for(asyncio.gather(*lookups, return_exceptions=True), timeout=5)
+    assert all(isinstance(d, asyncio.CancelledError) for d in done)
+    # The next turn's lookups are read as usual.
+    assert (await fetch_message(database, "k-2")).msg_id == "k-2"
 
 
 async def test_a_lookup_whose_client_left_does_not_disturb_the_others(
