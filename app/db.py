@@ -153,7 +153,7 @@ class Database:
                 timeout=settings.db_timeout,
                 kwargs={"autocommit": True, "options": "-c TimeZone=UTC"}))
         self.read_limiter = CapacityLimiter(READ_THREADS)
-        self.keyed = KeyedReads(self._read_on_loop, "sqlite" if self.is_sqlite else "postgresql")
+        self.keyed = KeyedReads(self._read_on_loop, self.engine.dialect.name)
 
     async def open(self) -> None:
         if self.read_pool is not None:
