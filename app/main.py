@@ -34,7 +34,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    process.tune()
+    process.tune("sqlite" if settings.is_sqlite else "postgresql")
     async with AsyncExitStack() as stack:
         # Pushed first, so run last; the lines logged after it are written at once.
         stack.callback(BufferedStreamHandler.write_through_all)

@@ -8,20 +8,31 @@ import gc
 import logging
 import sys
 
-# The writer threads hand the GIL back and forth with the event loop once per database call;
-# at the default 5 ms switch interval each hand-off stalls the batch (measured with the
-# benchmark's callback mix: about 40% lower ingest rate). 0.5 ms keeps hand-offs short.
-SWITCH_INTERVAL = 0.0005
+# The writer thread hands the GIL back and forth with the event loop at every database call
+# (sqlite3 lets it go around each step and commit, psycopg around each round trip). While the
+# loop is busy, each time the writer wants it back it waits for the switch interval before
+# the loop is made to drop it: at the default 5 ms that stalled every batch (about 40% lower
+# ingest rate with the benchmark's callback mix). A batch of 33 that takes 1.6 ms alone takes
+# 5.0 ms beside a spinning thread at 0.5 ms, 3.1 ms at 0.1 ms on SQLite (PostgreSQL: 2.3 ms
+# alone, 5.1 and 4.3 ms). Which interval serves more callbacks depends on the database
+# (the benchmark's ingest, servers alternating on one machine, three rounds each,
+# 2026-12-04): SQLite at 0.1 ms 0.46-0.48 of /healthz, at 0.5 ms 0.41-0.44, at 0.05 ms
+# 0.41-0.44; PostgreSQL at 0.5 ms 0.45-0.49, at 0.1 ms 0.38-0.45, at 0.05 ms 0.41-0.50
+# (there the writer also waits on the server, and a shorter interval only takes the GIL
+# from the loop more often).
+SWITCH_INTERVAL = {"sqlite": 0.0001, "postgresql": 0.0005}
 
 _tuned = False
 _frozen = False
 
 
-def tune() -> None:
+def tune(database: str) -> None:
+    """Tune the interpreter for an app on `database` (a dialect name). Once per process: a
+    process that builds apps on both databases (the tests) keeps the first one's settings."""
     global _tuned
     if not _tuned:
         _tuned = True
-        sys.setswitchinterval(SWITCH_INTERVAL)
+        sys.setswitchinterval(SWITCH_INTERVAL[database])
         # Record attributes no log line of ours prints. Looking up the caller's frame and the
         # thread and process names cost a fifth of an access line (profiled); the logging
         # HOWTO's "Optimization" section names these switches.
