@@ -17,9 +17,9 @@ import sys
 # alone, 5.1 and 4.3 ms). Which interval serves more callbacks depends on the database
 # (the benchmark's ingest, servers alternating on one machine, three rounds each,
 # 2026-12-04): SQLite at 0.1 ms 0.46-0.48 of /healthz, at 0.5 ms 0.41-0.44, at 0.05 ms
-# 0.41-0.44; PostgreSQL at 0.5 ms 0.45-0.49, at 0.1 ms 0.38-0.45, at 0.05 ms 0.41-0.50
-# (there the writer also waits on the server, and a shorter interval only takes the GIL
-# from the loop more often).
+# 0.41-0.44; PostgreSQL at 0.5 ms 0.45-0.49, at 0.1 ms 0.38-0.45, at 0.05 ms 0.41-0.50:
+# shorter is no better there, where each of the writer's round trips also waits on the
+# server (the last session measured the same: 0.57 at 0.5 ms, 0.52 at 0.1 ms).
 SWITCH_INTERVAL = {"sqlite": 0.0001, "postgresql": 0.0005}
 
 _tuned = False
@@ -27,12 +27,13 @@ _frozen = False
 
 
 def tune(database: str) -> None:
-    """Tune the interpreter for an app on `database` (a dialect name). Once per process: a
-    process that builds apps on both databases (the tests) keeps the first one's settings."""
+    """Tune the interpreter for an app on `database` ("sqlite" or "postgresql"). Once per
+    process: a process that builds apps on both databases (the tests) keeps the first one's
+    settings."""
     global _tuned
     if not _tuned:
+        sys.setswitchinterval(SWITCH_INTERVAL[database])  # KeyError: not a database we run on
         _tuned = True
-        sys.setswitchinterval(SWITCH_INTERVAL[database])
         # Record attributes no log line of ours prints. Looking up the caller's frame and the
         # thread and process names cost a fifth of an access line (profiled); the logging
         # HOWTO's "Optimization" section names these switches.
