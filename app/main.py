@@ -34,11 +34,11 @@ MULTIPART_OVERHEAD = 64 * 1024
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    process.tune("sqlite" if settings.is_sqlite else "postgresql")
     async with AsyncExitStack() as stack:
         # Pushed first, so run last; the lines logged after it are written at once.
         stack.callback(BufferedStreamHandler.write_through_all)
         database = Database(settings)
+        process.tune(database.engine.dialect.name)
         await database.open()
         stack.push_async_callback(database.close)
         ingestor = Ingestor(database.engine, max_batch=settings.batch_max_size,

@@ -27,7 +27,7 @@ _frozen = False
 
 
 def tune(database: str) -> None:
-    """Tune the interpreter for an app on `database` ("sqlite" or "postgresql"). Once per
+    """Tune the interpreter for an app on `database` (its engine's dialect name). Once per
     process: a process that builds apps on both databases (the tests) keeps the first one's
     settings."""
     global _tuned
