@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 from anyio import CapacityLimiter, to_thread
@@ -37,6 +37,9 @@ from sqlalchemy.types import TypeDecorator
 
 from app.config import Settings
 from app.keyed_reads import KeyedRead, KeyedReads
+
+if TYPE_CHECKING:  # the write path imports this module
+    from app.ingest import BatchWriter
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -133,8 +136,9 @@ _STALE = (psycopg.OperationalError, psycopg.InterfaceError)
 class Database:
     """Owns the engines, pools and read helpers of one application instance.
 
-    - `engine`: the writers' engine (each writer keeps one connection of it, see
-      app/ingest.py), migrations and the send records.
+    - `writer()`: the write path's writer (app/ingest.py), which keeps one connection of its
+      own, in a child process by default (app/writer_process.py).
+    - `engine`: the engine of a writer in this process, of migrations and of the forwarder.
     - reads: on PostgreSQL an async psycopg pool in autocommit (a worker thread's hand-off
       costs more than an indexed read) plus an autocommit engine for ORM aggregates; on SQLite
       the same engine, read in worker threads under `read_limiter`.
@@ -154,6 +158,18 @@ class Database:
                 kwargs={"autocommit": True, "options": "-c TimeZone=UTC"}))
         self.read_limiter = CapacityLimiter(READ_THREADS)
         self.keyed = KeyedReads(self._read_on_loop, self.engine.dialect.name)
+
+    def writer(self, *, forwarding: bool) -> BatchWriter:
+        """The write path's writer, with its own kept connection: in a child process by
+        default (`DLR_WRITER_PROCESS`, app/writer_process.py), else on this engine;
+        `forwarding`: it fills the forwarding outbox in the same commit."""
+        from app.forwarding.events import Outbox
+        from app.ingest import Writer
+        from app.writer_process import RemoteWriter
+
+        if self.settings.writer_process:
+            return RemoteWriter(self.settings, forwarding=forwarding)
+        return Writer(self.engine, Outbox() if forwarding else None)
 
     async def open(self) -> None:
         if self.read_pool is not None:

@@ -437,6 +437,41 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+@dataclass(slots=True)
+class WriteStats:
+    """What a writer observed since it was last asked: handed to the server process's
+    metrics by the Ingestor (a writer in a child process has no registry anyone reads)."""
+
+    commit_seconds: list[float] = field(default_factory=list)
+    db_errors: list[str] = field(default_factory=list)  # the exception class of each
+    forwarded: int = 0  # deliveries created for forwarding
+
+    def add(self, other: WriteStats) -> None:
+        self.commit_seconds += other.commit_seconds
+        self.db_errors += other.db_errors
+        self.forwarded += other.forwarded
+
+    def publish(self) -> None:
+        for seconds in self.commit_seconds:
+            metrics.COMMIT_SECONDS.observe(seconds)
+        for kind in self.db_errors:
+            metrics.DB_ERRORS.labels(kind=kind).inc()
+
+
+class BatchWriter(Protocol):
+    """Where the Ingestor's thread writes a batch: a `Writer` in this process, or
+    app/writer_process.py's `RemoteWriter` in a child."""
+
+    def start(self) -> None:
+        """Called on the Ingestor's thread before its first batch."""
+
+    def write(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]: ...
+
+    def take_stats(self) -> WriteStats: ...
+
+    def close(self) -> None: ...
+
+
 class Writer:
     """One writer's connection, kept from batch to batch.
 
@@ -448,8 +483,16 @@ class Writer:
     def __init__(self, engine: Engine, forwarding: Forwarding | None = None) -> None:
         self.engine = engine
         self.forwarding = forwarding
-        self.forwarded = 0  # deliveries created since the Ingestor last looked
+        self._stats = WriteStats()
         self._conn: Connection | None = None
+
+    def take_stats(self) -> WriteStats:
+        stats, self._stats = self._stats, WriteStats()
+        return stats
+
+    def start(self) -> None:
+        """Nothing to start: the connection is opened by the first batch, so that a database
+        that is down at start-up costs 503s, not the start."""
 
     def close(self) -> None:
         if self._conn is not None:
@@ -462,7 +505,7 @@ class Writer:
         try:
             with self._conn.begin():
                 stored = store(self._conn, items, self.forwarding)
-            self.forwarded += stored.forwarded
+            self._stats.forwarded += stored.forwarded
             return stored.outcomes
         except BaseException:
             self.close()
@@ -492,10 +535,10 @@ class Writer:
         started = time.perf_counter()
         try:
             out: list[Outcome | StoreUnavailable] = list(self._commit_reconnecting(items))
-            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            self._stats.commit_seconds.append(time.perf_counter() - started)
             return out
         except SQLAlchemyError as exc:
-            metrics.DB_ERRORS.labels(kind=type(exc).__name__).inc()
+            self._stats.db_errors.append(type(exc).__name__)
             if _unavailable(exc) or len(items) == 1 and not isinstance(items[0], Notification):
                 raise StoreUnavailable(str(exc).splitlines()[0]) from exc
             if len(items) > 1:
@@ -543,8 +586,9 @@ class _Call:
 class Ingestor:
     """Group commit: requests wait on a future that the writer resolves once per batch.
 
-    The writer is a thread with its own queue and connection. It takes everything queued,
-    writes it in one transaction, hands the outcomes to the event loop in one call, and goes
+    The writer is a thread with its own queue. It takes everything queued, has its
+    `BatchWriter` write it in one transaction (in a child process by default, see
+    app/writer_process.py), hands the outcomes to the event loop in one call, and goes
     straight on to what queued meanwhile: the loop never stands between two batches (when the
     batch loop ran on the event loop, each batch waited for the loop to get round to it
     behind the requests it was serving, and under a burst the writer sat idle a quarter of
@@ -555,17 +599,16 @@ class Ingestor:
     the benchmark's mix, see the README's Benchmark section).
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 500,
-                 forwarding: Forwarding | None = None,
+    def __init__(self, writer: BatchWriter, *, max_batch: int = 500,
                  on_commit: Callable[[], None] | None = None) -> None:
-        """`on_commit` is called on the loop after a batch that created deliveries."""
-        self.engine = engine
+        """`writer`: `Database.writer()`'s. `on_commit` is called on the loop after a batch
+        that created deliveries."""
         self.max_batch = max_batch
         self.on_commit = on_commit
         # SimpleQueue: put and get in C, and the writer blocked in get() holds no GIL.
         self._queue: queue.SimpleQueue[list[_Pending] | _Call | object] = queue.SimpleQueue()
         self._gathering: list[_Pending] = []  # what this turn of the loop submitted (_flush)
-        self._writer = Writer(engine, forwarding)
+        self.writer = writer
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -613,13 +656,18 @@ class Ingestor:
         self._flush()
         self._queue.put(_STOP)
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        self._writer.close()
+            await asyncio.to_thread(self._thread.join)  # the thread closes the writer
+        else:
+            self.writer.close()
 
     def _run(self) -> None:
         """The writer's thread: gather, write, hand the outcomes to the loop, repeat."""
         q = self._queue
         pending: list[_Pending] = []
+        try:
+            self.writer.start()
+        except Exception:  # noqa: BLE001 - the first batch tries again and answers 503
+            log.exception("writer did not start")
         while True:
             try:
                 item = q.get_nowait() if pending else q.get()
@@ -637,11 +685,12 @@ class Ingestor:
             if isinstance(item, _Call):
                 self._call(item)
             elif item is _STOP:
+                self.writer.close()
                 return
 
     def _write(self, batch: list[_Pending]) -> None:
         assert self._loop is not None
-        writer = self._writer
+        writer = self.writer
         metrics.BATCH_SIZE.observe(len(batch))
         results: Sequence[Outcome | StoreUnavailable]
         try:
@@ -651,8 +700,9 @@ class Ingestor:
                 log.exception("writer failed")
                 exc = StoreUnavailable(str(exc))
             results = [exc] * len(batch)
-        forwarded, writer.forwarded = writer.forwarded, 0
-        self._loop.call_soon_threadsafe(self._resolve, batch, results, forwarded)
+        stats = writer.take_stats()
+        stats.publish()
+        self._loop.call_soon_threadsafe(self._resolve, batch, results, stats.forwarded)
 
     def _call(self, call: _Call) -> None:
         assert self._loop is not None

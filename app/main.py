@@ -21,7 +21,6 @@ from app.config import Settings, get_settings
 from app.db import Database
 from app.forwarding import api as forwarding_api
 from app.forwarding.dispatcher import Forwarder
-from app.forwarding.events import Outbox
 from app.ingest import Ingestor
 from app.logs import BufferedStreamHandler
 from app.sender import NotConfigured, Sender
@@ -41,8 +40,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         process.tune(database.engine.dialect.name)
         await database.open()
         stack.push_async_callback(database.close)
-        ingestor = Ingestor(database.engine, max_batch=settings.batch_max_size,
-                            forwarding=Outbox())
+        ingestor = Ingestor(database.writer(forwarding=True),
+                            max_batch=settings.batch_max_size)
         ingestor.start()
         # Closed after the forwarder, whose last round may run on the writer's thread, and
         # before the database: uvicorn has stopped accepting and waited for requests in

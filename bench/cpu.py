@@ -15,7 +15,8 @@ from pathlib import Path
 
 _TICK = 1 / os.sysconf("SC_CLK_TCK")
 # Processes are told apart by their command line; a process without a mark of its own
-# (uvicorn's `--workers` children, started by multiprocessing) takes its parent's.
+# (uvicorn's `--workers` children, the writer's fork server and the writer it forks, all
+# started by multiprocessing) takes its nearest marked ancestor's.
 _MARKS = ((b"bench.forwarding:sink_app", "sink"), (b"bench.bare:app", "server"),
           (b"serve", "server"))
 GROUPS = ("server", "database", "sink", "wrk")
@@ -61,8 +62,11 @@ class Snapshot:
                  if p.name.isdigit() and (proc := _read(int(p.name))) is not None}
         pids: dict[int, tuple[str, float]] = {}
         for pid, proc in procs.items():
-            parent = procs.get(proc.parent)
-            group = proc.group or (parent.group if parent is not None else None)
+            group, ancestor = proc.group, procs.get(proc.parent)
+            for _ in range(8):  # a few generations: a loop of parents cannot hang it
+                if group is not None or ancestor is None:
+                    break
+                group, ancestor = ancestor.group, procs.get(ancestor.parent)
             if group is not None:
                 pids[pid] = (group, proc.seconds)
         idle, total = _idle_and_total()

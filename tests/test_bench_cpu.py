@@ -4,6 +4,7 @@ child count as the server, a finished load generator as wrk, and the rest stays 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,15 +12,18 @@ from pathlib import Path
 
 from bench.cpu import Snapshot, cell, per_request, used
 
-# Burns CPU until told to stop by its stdin closing; with "child" it starts one more of itself
-# (as uvicorn's --workers does) whose command line carries no mark of its own.
+# Burns CPU until told to stop by its stdin closing; with "child" it starts a child whose
+# command line carries no mark of its own (as uvicorn's --workers and the writer's fork
+# server do), which starts a busy grandchild of its own (as the fork server its writer).
 _BUSY = """
 import subprocess, sys, threading, time
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 kid = None
 if "child" in sys.argv:
-    kid = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    kid = subprocess.Popen([sys.executable, "-c", "import subprocess, sys\\n"
+                            "subprocess.Popen([sys.executable, '-c', 'while True: pass'])\\n"
+                            "while True: pass"])
 print("ready", flush=True)
 while not stop.is_set():
     sum(range(1000))
@@ -36,7 +40,12 @@ def _cpu_seconds(*pids: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def test_server_and_its_worker_count_as_the_server_and_wrk_as_wrk(tmp_path: Path) -> None:
+    grandkids: list[int] = []
     fake = tmp_path / "dlr"
     fake.write_text(_BUSY)
     server = subprocess.Popen([sys.executable, str(fake), "serve", "child"],
@@ -47,9 +56,13 @@ def test_server_and_its_worker_count_as_the_server_and_wrk_as_wrk(tmp_path: Path
         assert server.stdout is not None and bystander.stdout is not None
         assert server.stdout.readline().strip() == "ready"
         assert bystander.stdout.readline().strip() == "ready"
-        kids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        kids = _children(server.pid)
         assert len(kids) == 1
-        group = (server.pid, int(kids[0]))
+        deadline = time.monotonic() + 10
+        while not (grandkids := _children(kids[0])) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(grandkids) == 1
+        group = (server.pid, kids[0], grandkids[0])
         before, server_before, others_before = (Snapshot.take(), _cpu_seconds(*group),
                                                 _cpu_seconds(bystander.pid))
         # The load generator: a child that runs to its end and is waited for.
@@ -61,6 +74,8 @@ def test_server_and_its_worker_count_as_the_server_and_wrk_as_wrk(tmp_path: Path
                                              _cpu_seconds(bystander.pid), Snapshot.take())
         cpu = used(before, after)
     finally:
+        for pid in grandkids:
+            os.kill(pid, signal.SIGKILL)
         for proc in (server, bystander):
             assert proc.stdin is not None
             proc.stdin.close()
@@ -68,7 +83,7 @@ def test_server_and_its_worker_count_as_the_server_and_wrk_as_wrk(tmp_path: Path
             proc.stdout.close()  # type: ignore[union-attr]
     server_used, others_used = server_after - server_before, others_after - others_before
     assert server_used > 0.2 and others_used > 0.1  # both were busy
-    # Counted: the server and its unmarked child; not counted: the bystander.
+    # Counted: the server and its unmarked descendants; not counted: the bystander.
     assert abs(cpu["server"] - server_used) < 0.05
     assert 0.25 <= cpu["wrk"] < 0.6
     assert cpu["database"] == 0.0 and cpu["sink"] == 0.0

@@ -152,8 +152,9 @@ async def test_an_accepted_send_is_recorded_when_the_database_fails_at_first(
     monkeypatch.setattr(ingest, "_store_send", flaky)
     monkeypatch.setattr("app.sender.RECORD_BACKOFF", 0.01)
     with serving_in_thread(sim.app()) as sim_url:
+        # The fault is patched into this process's write path: the writer runs here.
         app = await app_with(bulk_url=sim_url + "/", bulk_user="u", bulk_secret_key="k",
-                             bulk_from="Shop")
+                             bulk_from="Shop", writer_process=False)
         sender = app.state.sender
         result = await sender.send(SendRequest(phone=["79031234567"], txt="hi"))
     assert result.outcome == "accepted" and failures["left"] == 0
@@ -176,8 +177,9 @@ async def test_msg_ids_are_logged_when_a_send_cannot_be_recorded(
     monkeypatch.setattr("app.sender.RECORD_BACKOFF", 0.001)
     sim = ProviderSimulator(user="u", secret_key="k")
     with serving_in_thread(sim.app()) as sim_url:
+        # The fault is patched into this process's write path: the writer runs here.
         app = await app_with(bulk_url=sim_url + "/", bulk_user="u", bulk_secret_key="k",
-                             bulk_from="Shop")
+                             bulk_from="Shop", writer_process=False)
         async with client_for(app) as c:
             with caplog.at_level(logging.ERROR, logger="app.sender"):
                 r = await c.post("/api/v1/messages", json={"phone": ["79031234567"],

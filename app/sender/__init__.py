@@ -121,7 +121,7 @@ async def standalone_sender(settings: Settings) -> AsyncIterator[Sender]:
     builds its Sender on the application's)."""
     database = Database(settings)
     await database.open()
-    ingestor = Ingestor(database.engine)
+    ingestor = Ingestor(database.writer(forwarding=False))
     ingestor.start()
     try:
         sender = Sender.from_settings(settings, ingestor)
