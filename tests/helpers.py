@@ -95,6 +95,11 @@ AppFactory = Callable[..., Awaitable[FastAPI]]
 
 
 def make_settings(**values: Any) -> Settings:
+    """Settings for an app built in the test process. Its writer runs in a thread
+    (`writer_process=False`) unless a test asks for the child process: a child imports the
+    program's main script as it starts (pytest's, 0.3 s, for each of hundreds of apps).
+    tests/test_writer_process.py covers the child, and every real `dlr serve` runs it."""
+    values.setdefault("writer_process", False)
     return load_settings(_env_file=None, **values)
 
 

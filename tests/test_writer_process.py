@@ -1,4 +1,5 @@
-"""The write path's writer in a child process (app/writer_process.py, the default): callbacks
+"""The write path's writer in a child process (app/writer_process.py, the default; the other
+tests' in-process apps keep it in a thread, see helpers.make_settings): callbacks
 are committed by the child and answered by the server, what only the child sees (metrics,
 log lines, send ids) reaches the server, and a child that dies costs at most its own batch,
 which the provider then sends again."""
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
-from app.config import Settings
-from app.db import make_engine
+from app.config import Settings, load_settings
+from app.db import Database, make_engine
+from app.ingest import Writer
 from app.main import create_app
 from app.migrate import upgrade
 from app.writer_process import RemoteWriter
@@ -67,7 +69,7 @@ def writes_blocked(settings: Settings, engine: Engine) -> Iterator[None]:
 
 async def test_the_child_commits_and_the_server_counts(app_with: AppFactory,
                                                        engine: Engine) -> None:
-    app = await app_with()
+    app = await app_with(writer_process=True)
     writer = app.state.ingestor.writer
     assert isinstance(writer, RemoteWriter)
     async with client_for(app) as c:
@@ -87,7 +89,7 @@ async def test_the_child_commits_and_the_server_counts(app_with: AppFactory,
 
 async def test_a_writer_killed_while_idle_costs_no_callback(app_with: AppFactory,
                                                             engine: Engine) -> None:
-    app = await app_with()
+    app = await app_with(writer_process=True)
     writer = app.state.ingestor.writer
     async with client_for(app) as c:
         assert (await dlr(c, type="seen", msg_id="k0")).status_code == 200
@@ -106,7 +108,8 @@ async def test_a_writer_killed_with_a_batch_answers_503_and_the_resend_is_stored
     app_with: AppFactory, settings: Settings, engine: Engine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    app = await app_with(db_timeout=30)  # the batch waits on the lock, it does not time out
+    # db_timeout: the batch waits on the lock rather than timing out
+    app = await app_with(writer_process=True, db_timeout=30)
     writer = app.state.ingestor.writer
     async with client_for(app) as c:
         assert (await dlr(c, type="seen", msg_id="b0")).status_code == 200
@@ -133,7 +136,7 @@ async def test_the_childs_log_lines_reach_the_servers_log(
 ) -> None:
     """A line the child logs (here: the database ended its kept connection, and it
     reconnected) is written by the server's logging, as if logged there."""
-    settings = make_settings(database_url=pg_url)
+    settings = make_settings(database_url=pg_url, writer_process=True)
     engine = make_engine(settings, pool_size=1)
     upgrade(engine)
     wipe(engine)
@@ -164,7 +167,7 @@ async def test_a_send_gets_its_record_id_from_the_child(app_with: AppFactory,
     sim = ProviderSimulator(user="u", secret_key="k")
     with serving_in_thread(sim.app()) as sim_url:
         app = await app_with(bulk_url=sim_url + "/", bulk_user="u", bulk_secret_key="k",
-                             bulk_from="Shop")
+                             bulk_from="Shop", writer_process=True)
         result = await app.state.sender.send(SendRequest(phone=["79031234567"], txt="hi"))
     assert result.outcome == "accepted"
     with engine.connect() as conn:
@@ -174,12 +177,25 @@ async def test_a_send_gets_its_record_id_from_the_child(app_with: AppFactory,
     assert result.send_id == stored == linked
 
 
-async def test_writer_process_false_keeps_the_writer_in_the_server(
+def test_the_child_is_the_default_and_the_setting_keeps_the_writer_here(
+    settings: Settings,
+) -> None:
+    default = load_settings(_env_file=None, database_url=settings.database_url)
+    here = make_settings(database_url=settings.database_url, writer_process=False)
+    for chosen, kind in ((default, RemoteWriter), (here, Writer)):
+        database = Database(chosen)
+        try:
+            assert isinstance(database.writer(forwarding=True), kind)
+        finally:
+            database.engine.dispose()
+            database.reader.dispose()
+
+
+async def test_writer_process_false_stores_through_the_servers_thread(
     app_with: AppFactory, engine: Engine,
 ) -> None:
     app = await app_with(writer_process=False)
     async with client_for(app) as c:
         assert (await dlr(c, type="seen", msg_id="t1")).status_code == 200
-    assert not isinstance(app.state.ingestor.writer, RemoteWriter)
+    assert isinstance(app.state.ingestor.writer, Writer)
     assert events(engine) == 1
-
