@@ -159,15 +159,15 @@ class Database:
         self.read_limiter = CapacityLimiter(READ_THREADS)
         self.keyed = KeyedReads(self._read_on_loop, self.engine.dialect.name)
 
-    def writer(self, *, forwarding: bool) -> BatchWriter:
-        """The write path's writer, with its own kept connection: in a child process by
-        default (`DLR_WRITER_PROCESS`, app/writer_process.py), else on this engine;
-        `forwarding`: it fills the forwarding outbox in the same commit."""
+    def writer(self, *, forwarding: bool, child: bool | None = None) -> BatchWriter:
+        """The write path's writer, with its own kept connection: in a child process
+        (app/writer_process.py) if `child`, by default as `DLR_WRITER_PROCESS` says, else on
+        this engine; `forwarding`: it fills the forwarding outbox in the same commit."""
         from app.forwarding.events import Outbox
         from app.ingest import Writer
         from app.writer_process import RemoteWriter
 
-        if self.settings.writer_process:
+        if self.settings.writer_process if child is None else child:
             return RemoteWriter(self.settings, forwarding=forwarding)
         return Writer(self.engine, Outbox() if forwarding else None)
 

@@ -8,11 +8,13 @@ and the provider's re-send of the others must then succeed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,19 +32,23 @@ pytestmark = pytest.mark.slow
 
 
 @contextmanager
-def server_process(database_url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def server_process(database_url: str, port: int, log: Path | None = None
+                   ) -> Iterator[subprocess.Popen[bytes]]:
+    """`dlr serve`, its warnings and errors written to `log` if given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")}
     env["DLR_DATABASE_URL"] = database_url
-    # A process group of its own, as a shell or systemd gives it: a signal may go to all.
-    proc = subprocess.Popen([DLR, "serve", "--port", str(port), "--no-access-log",
-                             "--log-level", "warning"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("wb")) if log is not None else subprocess.DEVNULL
+        # A process group of its own, as a shell or systemd gives it: a signal may go to all.
+        proc = subprocess.Popen([DLR, "serve", "--port", str(port), "--no-access-log",
+                                 "--log-level", "warning"], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=out)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 async def wait_ready(url: str) -> None:
@@ -138,26 +144,29 @@ async def test_sigkill_mid_burst_loses_nothing_acknowledged(
     assert total == BURST  # and none twice
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM to the server", "SIGINT to its process group"])
+@pytest.mark.parametrize("stop", ["SIGTERM to the server", "SIGINT to its process group",
+                                  "SIGTERM to its process group"])
 async def test_sigterm_finishes_what_it_took_and_loses_nothing(
-    settings: Settings, engine: Engine, stop: str
+    settings: Settings, engine: Engine, stop: str, tmp_path: Path
 ) -> None:
-    """`docker stop` signals the server alone; Ctrl-C in a terminal (and systemd's stop)
-    signals every process of the group, the writer's child process too, which must finish
-    what the server still hands it."""
+    """`docker stop` signals the server alone; Ctrl-C in a terminal (SIGINT) and systemd's
+    stop (SIGTERM) signal every process of the group, the writer's child process too, which
+    must live on and finish what the server still hands it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     stopping: list[bool] = []
-    with server_process(settings.database_url, port) as proc:
+    log = tmp_path / "serve.log"
+    with server_process(settings.database_url, port, log) as proc:
         await wait_ready(url)
+        sig = signal.SIGINT if stop.startswith("SIGINT") else signal.SIGTERM
 
         def stop_when_busy(outcome: dict[int, str]) -> None:
             if len(outcome) >= 500 and proc.poll() is None and not stopping:
                 stopping.append(True)
-                if stop.startswith("SIGINT"):
-                    os.killpg(proc.pid, signal.SIGINT)
+                if stop.endswith("process group"):
+                    os.killpg(proc.pid, sig)
                 else:
-                    proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(sig)
 
         outcome = await burst(url, list(range(2000)), stop_when_busy)
         # A graceful stop: uvicorn re-raises SIGTERM after finishing, it is not killed.
@@ -166,6 +175,8 @@ async def test_sigterm_finishes_what_it_took_and_loses_nothing(
     # kernel's accept queue when the socket closed are reset unanswered, like refused ones.
     answered = {v for v in outcome.values() if not v.startswith(("dropped:", "not-"))}
     assert answered == {"200"}
+    # The child wrote to the end: none ended and was replaced on the way.
+    assert b"writer process ended" not in log.read_bytes()
     acked = [i for i, v in outcome.items() if v == "200"]
     unacked = [i for i, v in outcome.items() if v != "200"]
     assert len(acked) >= 500 and unacked, "the stop must land mid-burst"

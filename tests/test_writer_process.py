@@ -23,7 +23,7 @@ from app.db import Database, make_engine
 from app.ingest import Writer
 from app.main import create_app
 from app.migrate import upgrade
-from app.writer_process import RemoteWriter
+from app.writer_process import ENDED, RemoteWriter
 
 from .helpers import (
     AppFactory,
@@ -34,6 +34,8 @@ from .helpers import (
     sqlite_write_lock,
     wipe,
 )
+
+ENDED_METRIC = f'dlr_db_errors_total{{kind="{ENDED}"}}'
 
 
 def metric(body: str, name: str) -> float:
@@ -113,6 +115,7 @@ async def test_a_writer_killed_with_a_batch_answers_503_and_the_resend_is_stored
     writer = app.state.ingestor.writer
     async with client_for(app) as c:
         assert (await dlr(c, type="seen", msg_id="b0")).status_code == 200
+        ended_before = metric((await c.get("/metrics")).text, ENDED_METRIC)
         with writes_blocked(settings, engine):
             waiting = asyncio.create_task(dlr(c, type="seen", msg_id="b1"))
             await asyncio.sleep(0.5)  # the child now waits for the lock with the batch
@@ -123,7 +126,10 @@ async def test_a_writer_killed_with_a_batch_answers_503_and_the_resend_is_stored
                 os.kill(killed, signal.SIGKILL)
                 answer = await asyncio.wait_for(waiting, timeout=10)
         assert answer.status_code == 503 and answer.headers["retry-after"]
-        assert any("writer process ended" in r.getMessage() for r in caplog.records)
+        ended = metric((await c.get("/metrics")).text, ENDED_METRIC) - ended_before
+        assert ended == 1  # the death is counted where operators look
+        assert any("writer process ended" in r.getMessage() and "with a batch" in
+                   r.getMessage() for r in caplog.records)
         # The provider sends it again; a new child stores it, once.
         for _ in range(2):
             assert (await dlr(c, type="seen", msg_id="b1")).status_code == 200
@@ -144,6 +150,7 @@ async def test_the_childs_log_lines_reach_the_servers_log(
     try:
         async with app.router.lifespan_context(app), client_for(app) as c:
             assert (await dlr(c, type="seen", msg_id="l0")).status_code == 200
+            child = app.state.ingestor.writer.pid
             with engine.connect() as conn:
                 conn.execute(text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -151,7 +158,7 @@ async def test_the_childs_log_lines_reach_the_servers_log(
             with caplog.at_level(logging.INFO, logger="app.ingest"):
                 assert (await dlr(c, type="seen", msg_id="l1")).status_code == 200
         lost = [r for r in caplog.records if "writer connection lost" in r.getMessage()]
-        assert lost and lost[0].name == "app.ingest" and lost[0].process != os.getpid()
+        assert lost and lost[0].name == "app.ingest" and lost[0].process == child
         assert events(engine) == 2
     finally:
         engine.dispose()

@@ -121,7 +121,8 @@ async def standalone_sender(settings: Settings) -> AsyncIterator[Sender]:
     builds its Sender on the application's)."""
     database = Database(settings)
     await database.open()
-    ingestor = Ingestor(database.writer(forwarding=False))
+    # A command's few records: a child process would cost more to start than it saves.
+    ingestor = Ingestor(database.writer(forwarding=False, child=False))
     ingestor.start()
     try:
         sender = Sender.from_settings(settings, ingestor)
