@@ -9,17 +9,25 @@ gives and exactly one event per distinct notification.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import threading
+import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine, text
 
-from app.notifications import STATUS_EXTENDED_MEANING
+from app.db import make_engine
+from app.ingest import Writer, store
+from app.migrate import upgrade
+from app.notifications import STATUS_EXTENDED_MEANING, interpret
 
-from .helpers import running_server
+from .helpers import make_settings, running_server, wipe
 
 MESSAGES = 60
 CONCURRENCY = 24
@@ -141,3 +149,56 @@ async def test_two_replicas_on_one_database_agree_on_every_message(pg_url: str) 
             stats = r.json()
             assert stats["total"] == MESSAGES
             assert sum(stats["events_by_type"].values()) == sum(map(len, expected.values()))
+
+
+def test_a_deadlock_with_another_writer_is_written_again_not_refused(
+    pg_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another process's writer inserts the same two notifications in the other order: each
+    waits for the other, and PostgreSQL rolls one back. Ours writes its batch again once the
+    other has finished, rather than refusing it (503)."""
+    settings = make_settings(database_url=pg_url)
+    engine = make_engine(settings, pool_size=2)
+    upgrade(engine)
+    wipe(engine)
+    now = datetime.now(UTC)
+    first, second = sorted(
+        (interpret({"type": "seen", "msg_id": f"lock-{i}"}, received_at=now) for i in (1, 2)),
+        key=lambda n: n.dedupe_key)  # ours inserts them in this order
+    writer = Writer(engine)
+    outcome: list[Any] = []
+    try:
+        with engine.connect() as other, caplog.at_level(logging.INFO, logger="app.ingest"):
+            other.begin()
+            store(other, [second])  # the other writer holds `second`, uncommitted
+            ours = threading.Thread(target=lambda: outcome.extend(writer.write([first, second])))
+            ours.start()
+            waiting_on_lock(engine)  # ours has inserted `first` and waits for `second`
+            try:
+                store(other, [first])  # waits for ours: a cycle; PostgreSQL ends ours
+            finally:
+                other.rollback()  # the other writer gives up (or was the one rolled back)
+            ours.join(timeout=30)
+        assert outcome == ["new", "new"]
+        assert any("rolled back by the database" in r.getMessage() for r in caplog.records)
+        with engine.connect() as conn:
+            stored = conn.execute(text("SELECT count(*) FROM events WHERE msg_key LIKE 'lock-%'"))
+            assert stored.scalar_one() == 2
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+def waiting_on_lock(engine: Engine, timeout: float = 10) -> None:
+    """Until a backend of this database waits for a lock."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")).scalar_one()
+            conn.rollback()
+            if waiting:
+                return
+            time.sleep(0.02)
+    raise AssertionError("no writer waited for the lock")
