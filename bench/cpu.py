@@ -1,8 +1,8 @@
 """Where a load's CPU went: the server, the database, the sink and wrk, per request, and how
 much of the machine stayed idle. Read from /proc around each wrk run (Linux only).
 
-A ratio to /healthz alone cannot tell a server that is held back by its own process (the
-event loop and the writer thread share one GIL) from one that is held back by the machine
+A ratio to /healthz alone cannot tell a server that is held back by its own process (its
+threads share one GIL) from one that is held back by the machine
 (two cores shared with the database and wrk): idle cores during the load can.
 """
 
