@@ -37,6 +37,8 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.util import Finalize
 
 from app.config import Settings
+from app.db import make_engine
+from app.forwarding.events import Outbox
 from app.ingest import Item, Outcome, SendRecord, StoreUnavailable, Writer, WriteStats
 
 log = logging.getLogger(__name__)
@@ -168,9 +170,6 @@ def _serve(conn: Connection, settings: Settings, forwarding: bool, level: int) -
     """The child: write each batch that arrives, answer, until the server closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from app.db import make_engine
-    from app.forwarding.events import Outbox
-
     records = _Records()
     root = logging.getLogger()
     root.handlers = [QueueHandler(records)]  # type: ignore[arg-type]
