@@ -167,7 +167,9 @@ class Database:
         from app.ingest import Writer
         from app.writer_process import RemoteWriter
 
-        if self.settings.writer_process if child is None else child:
+        if child is None:
+            child = self.settings.writer_process
+        if child:
             return RemoteWriter(self.settings, forwarding=forwarding)
         return Writer(self.engine, Outbox() if forwarding else None)
 
