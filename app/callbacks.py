@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from app import metrics
 from app.config import Settings
 from app.db import utcnow
+from app.http_protocol import body_received
 from app.ingest import Ingestor, Item, StoreUnavailable
 from app.logs import redact_query
 from app.notifications import Invalid, Rejection, interpret
@@ -183,9 +184,12 @@ async def receive(request: Request, token: str | None = None) -> Response:
     try:
         body = b""
         if request.method == "POST":
-            # A body that trickles in must not hold a connection (and its memory) forever.
-            async with asyncio.timeout(settings.callback_read_timeout):
+            if body_received(request.scope):  # nothing to wait for, so no deadline to arm
                 body = await read_body(request, settings.max_callback_bytes)
+            else:
+                # A body that trickles in must not hold a connection (and its memory) forever.
+                async with asyncio.timeout(settings.callback_read_timeout):
+                    body = await read_body(request, settings.max_callback_bytes)
     except BodyTooLarge:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import select
 import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -241,3 +244,92 @@ def test_a_client_that_keeps_sending_after_a_refusal_is_cut_off(tmp_path: Path) 
                 cut_off = True
                 break
         assert cut_off
+
+
+def test_a_callback_body_sent_in_parts_within_the_deadline_is_stored(tmp_path: Path) -> None:
+    # A body that is not all in when the route starts is read under the deadline (a whole
+    # one is read without it: app/http_protocol.py's body_received).
+    env = _env(tmp_path, callback_read_timeout="2")
+    body = b"type=seen&msg_id=in-parts"
+    with running_server(env) as (url, _), _connect(url) as sock:
+        sock.sendall(b"POST /dlr HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body[:10]))
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        status, _, answer = _read_response(sock, bytearray())
+        assert (status, answer) == (200, b"OK")
+        stored = httpx.get(f"{url}/api/v1/messages/in-parts")
+    assert stored.status_code == 200 and stored.json()["status"] == "seen"
+
+
+class _Recording:
+    """A transport that records each write (one write: one system call)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.writes.append(b"<closed>")
+
+
+def _cycle(method: str, transport: _Recording) -> Any:
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    from app.http_protocol import _sending
+
+    cycle = RequestResponseCycle(
+        scope={"type": "http", "method": method, "http_version": "1.1", "headers": [],
+               "path": "/", "query_string": b"", "client": None, "server": None},
+        transport=transport, flow=FlowControl(transport),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test"), access_log=False, default_headers=[],
+        message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+        on_response=lambda: None)
+    cycle.more_body = False  # the request is all in
+    cycle.send = _sending(cycle, lambda: None, None)  # type: ignore[method-assign,assignment]
+    return cycle
+
+
+async def test_a_short_answer_goes_out_in_one_write_head_and_body_together() -> None:
+    transport = _Recording()
+    cycle = _cycle("GET", transport)
+    await cycle.send({"type": "http.response.start", "status": 200,
+                      "headers": [(b"content-length", b"2")]})
+    assert transport.writes == []  # the head waits for the body...
+    await cycle.send({"type": "http.response.body", "body": b"OK"})
+    assert len(transport.writes) == 1  # ...and goes out with it
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.writes[0].endswith(b"\r\n\r\nOK")
+    assert cycle.transport is transport and cycle.response_complete
+
+
+async def test_answers_without_a_body_to_join_are_written_as_before() -> None:
+    # HEAD: uvicorn writes no body, so the head must not wait for one.
+    head = _Recording()
+    cycle = _cycle("HEAD", head)
+    await cycle.send({"type": "http.response.start", "status": 200,
+                      "headers": [(b"content-length", b"2")]})
+    await cycle.send({"type": "http.response.body", "body": b"OK"})
+    assert len(head.writes) == 1 and head.writes[0].endswith(b"\r\n\r\n")
+    # A streamed answer (no length): the head, then each chunk, as uvicorn writes them.
+    streamed = _Recording()
+    cycle = _cycle("GET", streamed)
+    await cycle.send({"type": "http.response.start", "status": 200, "headers": []})
+    await cycle.send({"type": "http.response.body", "body": b"a", "more_body": True})
+    await cycle.send({"type": "http.response.body", "body": b""})
+    assert [w[:9] for w in streamed.writes] == [b"HTTP/1.1 ", b"1\r\na\r\n", b"0\r\n\r\n"]
+    # A transport used between head and body (here: closed) gets the head first.
+    closed = _Recording()
+    cycle = _cycle("GET", closed)
+    await cycle.send({"type": "http.response.start", "status": 200,
+                      "headers": [(b"content-length", b"2")]})
+    cycle.transport.close()
+    assert closed.writes[0].startswith(b"HTTP/1.1 200") and closed.writes[1] == b"<closed>"
