@@ -39,7 +39,7 @@ from app.config import Settings
 from app.keyed_reads import KeyedRead, KeyedReads
 
 if TYPE_CHECKING:  # the write path imports this module
-    from app.ingest import BatchWriter
+    from app.ingest import BatchWriter, HandingWriter
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -159,7 +159,8 @@ class Database:
         self.read_limiter = CapacityLimiter(READ_THREADS)
         self.keyed = KeyedReads(self._read_on_loop, self.engine.dialect.name)
 
-    def writer(self, *, forwarding: bool, child: bool | None = None) -> BatchWriter:
+    def writer(self, *, forwarding: bool, child: bool | None = None
+               ) -> BatchWriter | HandingWriter:
         """The write path's writer, with its own kept connection: in a child process
         (app/writer_process.py) if `child`, by default as `DLR_WRITER_PROCESS` says, else on
         this engine; `forwarding`: it fills the forwarding outbox in the same commit."""

@@ -20,12 +20,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from itertools import chain
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 from sqlalchemy import Column, Connection, Engine, Table, insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -463,13 +464,30 @@ class WriteStats:
 
 
 class BatchWriter(Protocol):
-    """Where the Ingestor's thread writes a batch: a `Writer` in this process, or
-    app/writer_process.py's `RemoteWriter` in a child."""
+    """Where the Ingestor's thread writes a batch: a `Writer` in this process."""
 
     def start(self) -> None:
         """Called on the Ingestor's thread before its first batch."""
 
     def write(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]: ...
+
+    def take_stats(self) -> WriteStats: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class HandingWriter(Protocol):
+    """A writer that writes elsewhere (app/writer_process.py's `RemoteWriter`, in a child
+    process): the Ingestor drives it from the event loop, with no thread in between. One
+    batch at a time: `hand` it over, then `collect` its outcomes once the descriptor that
+    `hand` returned is readable."""
+
+    def start(self) -> None: ...
+
+    def hand(self, items: Sequence[Item]) -> int: ...
+
+    def collect(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]: ...
 
     def take_stats(self) -> WriteStats: ...
 
@@ -617,20 +635,24 @@ class _Call:
 class Ingestor:
     """Group commit: requests wait on a future that the writer resolves once per batch.
 
-    The writer is a thread with its own queue. It takes everything queued, has its
-    `BatchWriter` write it in one transaction (in a child process by default, see
-    app/writer_process.py), hands the outcomes to the event loop in one call, and goes
-    straight on to what queued meanwhile: the loop never stands between two batches (when the
-    batch loop ran on the event loop, each batch waited for the loop to get round to it
-    behind the requests it was serving, and under a burst the writer sat idle a quarter of
-    the time). One writer, on both databases: it writes every notification in arrival order,
+    A writer in a child process (the default, a `HandingWriter`) is driven by the event loop
+    itself: the loop hands it everything gathered, and when its answer arrives hands it what
+    gathered meanwhile before it answers the requests of the batch just written (`_pump`).
+    A writer in this process (`BatchWriter`) is a thread with its own queue. It takes
+    everything queued, writes it in one transaction, hands the outcomes to the event loop in
+    one call, and goes straight on to what queued meanwhile: the loop never stands between
+    two batches (when that batch loop ran on the event loop, each batch waited for the loop
+    to get round to it behind the requests it was serving, and under a burst the writer sat
+    idle a quarter of the time). The thread also runs `call`s, in either case.
+
+    One writer, on both databases: it writes every notification in arrival order,
     and on PostgreSQL two writers each took half the batch size for the same commit time
     (their round trips wait on the GIL the loop holds), so one writer with batches of ~33
     served 20-25% more callbacks per CPU second than two with batches of ~12 (measured with
     the benchmark's mix, see the README's Benchmark section).
     """
 
-    def __init__(self, writer: BatchWriter, *, max_batch: int = 500,
+    def __init__(self, writer: BatchWriter | HandingWriter, *, max_batch: int = 500,
                  on_commit: Callable[[], None] | None = None) -> None:
         """`writer`: `Database.writer()`'s. `on_commit` is called on the loop after a batch
         that created deliveries."""
@@ -642,9 +664,16 @@ class Ingestor:
         self.writer = writer
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A handing writer's work, in order, and whether a batch or a call is under way.
+        self._handing = writer if isinstance(writer, HandingWriter) else None
+        self._work: deque[list[_Pending] | _Call] = deque()
+        self._busy = False
+        self._drained: asyncio.Event | None = None  # set by the last work before close
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._handing is not None:
+            self._handing.start()  # here, not on the thread: the loop hands it every batch
         self._thread = threading.Thread(target=self._run, name="dlr-writer", daemon=True)
         self._thread.start()
 
@@ -671,7 +700,11 @@ class Ingestor:
             raise RuntimeError("Ingestor.call before start()")
         future: asyncio.Future[T] = self._loop.create_future()
         self._flush()
-        self._queue.put(_Call(fn, args, future))
+        if self._handing is not None:
+            self._work.append(_Call(fn, args, future))  # after the batches before it
+            self._pump()
+        else:
+            self._queue.put(_Call(fn, args, future))
         return await future
 
     def _flush(self) -> None:
@@ -679,12 +712,83 @@ class Ingestor:
         everything one turn received. Handing each item over at once made the writer start
         on one or two items, commit after commit, each commit taking the GIL from the loop."""
         if self._gathering:
-            self._queue.put(self._gathering)
-            self._gathering = []
+            if self._handing is not None:
+                self._work.append(self._gathering)
+                self._gathering = []
+                self._pump()
+            else:
+                self._queue.put(self._gathering)
+                self._gathering = []
+
+    # --- a handing writer, driven by the loop ---------------------------------------------
+
+    def _pump(self) -> None:
+        """Start the next work unless some is under way: a call on the thread, or a batch of
+        everything queued before the next call (at most max_batch) handed to the writer."""
+        if self._busy or not self._work:
+            if not self._busy and self._drained is not None:
+                self._drained.set()
+            return
+        self._busy = True
+        first = self._work.popleft()
+        if isinstance(first, _Call):
+            self._queue.put(first)  # the thread runs it, then _settled frees the writer
+            return
+        batch = first
+        while self._work and len(batch) < self.max_batch:
+            more = self._work[0]
+            if not isinstance(more, list):
+                break
+            batch += more
+            self._work.popleft()
+        if len(batch) > self.max_batch:
+            self._work.appendleft(batch[self.max_batch:])
+            batch = batch[:self.max_batch]
+        metrics.BATCH_SIZE.observe(len(batch))
+        items = [p.item for p in batch]
+        assert self._handing is not None and self._loop is not None
+        try:
+            ready = self._handing.hand(items)
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of any failure
+            log.exception("writer failed")
+            self._written(batch, [StoreUnavailable(str(exc))] * len(batch))
+            return
+        self._loop.add_reader(ready, self._collect, batch, items, ready)
+
+    def _collect(self, batch: list[_Pending], items: list[Item], ready: int) -> None:
+        """On the loop, once the writer has answered (or ended)."""
+        assert self._handing is not None and self._loop is not None
+        self._loop.remove_reader(ready)
+        results: Sequence[Outcome | StoreUnavailable]
+        try:
+            results = self._handing.collect(items)
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of any failure
+            log.exception("writer failed")
+            results = [StoreUnavailable(str(exc))] * len(batch)
+        self._written(batch, results)
+
+    def _written(self, batch: list[_Pending], results: Sequence[Outcome | StoreUnavailable]
+                 ) -> None:
+        stats = self.writer.take_stats()
+        stats.publish()
+        self._busy = False
+        self._pump()  # the writer goes on with what gathered meanwhile, before the answers
+        self._resolve(batch, results, stats.forwarded)
+
+    def _settled(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None
+                 ) -> None:
+        """On the loop: a call ended on the thread."""
+        _settle(future, result, exc)
+        if self._handing is not None:
+            self._busy = False
+            self._pump()
 
     async def close(self) -> None:
         """Finish everything queued, then stop (graceful shutdown answers every request)."""
         self._flush()
+        if self._handing is not None and (self._busy or self._work):
+            self._drained = asyncio.Event()
+            await self._drained.wait()
         self._queue.put(_STOP)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)  # the thread closes the writer
@@ -696,7 +800,8 @@ class Ingestor:
         q = self._queue
         pending: list[_Pending] = []
         try:
-            self.writer.start()
+            if self._handing is None:
+                self.writer.start()
         except Exception:  # noqa: BLE001 - the first batch tries again and answers 503
             log.exception("writer did not start")
         while True:
@@ -720,8 +825,8 @@ class Ingestor:
                 return
 
     def _write(self, batch: list[_Pending]) -> None:
-        assert self._loop is not None
-        writer = self.writer
+        assert self._loop is not None and self._handing is None
+        writer = cast(BatchWriter, self.writer)
         metrics.BATCH_SIZE.observe(len(batch))
         results: Sequence[Outcome | StoreUnavailable]
         try:
@@ -740,9 +845,9 @@ class Ingestor:
         try:
             result = call.fn(*call.args)
         except BaseException as exc:  # noqa: BLE001 - the caller gets whatever it raised
-            self._loop.call_soon_threadsafe(_settle, call.future, None, exc)
+            self._loop.call_soon_threadsafe(self._settled, call.future, None, exc)
         else:
-            self._loop.call_soon_threadsafe(_settle, call.future, result, None)
+            self._loop.call_soon_threadsafe(self._settled, call.future, result, None)
 
     def _resolve(self, batch: list[_Pending], results: Sequence[Outcome | StoreUnavailable],
                  forwarded: int) -> None:

@@ -20,12 +20,12 @@ import sys
 # 0.41-0.44; PostgreSQL at 0.5 ms 0.45-0.49, at 0.1 ms 0.38-0.45, at 0.05 ms 0.41-0.50:
 # shorter is no better there, where each of the writer's round trips also waits on the
 # server (the last session measured the same: 0.57 at 0.5 ms, 0.52 at 0.1 ms).
-# With the writing in a child process (app/writer_process.py) the writer's thread still takes
-# the GIL back a few times a batch (pickling it, reading the outcomes, handing them to the
-# loop), and each time waits for the interval: at the default 5 ms, SQLite ingest 0.52-0.53 of
-# /healthz against 0.55-0.76 at 0.1 ms and 0.65-0.67 at 0.5 ms; PostgreSQL 0.59-0.60 against
-# 0.61-0.76 at 0.5 ms and 0.62-0.67 at 0.1 ms (servers alternating, two rounds each,
-# 2026-12-06; the spread between 0.1 and 0.5 ms is the machine's, so both stay).
+# With the writing in a child process (app/writer_process.py, the default) the event loop
+# drives the child itself and no thread of the server competes for the GIL while callbacks
+# come in; the interval still matters to DLR_WRITER_PROCESS=false, and to the forwarder's
+# and the read threads. (When a thread still stood between the loop and the child, it took
+# the GIL back a few times a batch: at the default 5 ms, SQLite ingest 0.52-0.53 of /healthz
+# against 0.55-0.76 at 0.1 ms, PostgreSQL 0.59-0.60 against 0.61-0.76 at 0.5 ms; 2026-12-06.)
 SWITCH_INTERVAL = {"sqlite": 0.0001, "postgresql": 0.0005}
 
 _tuned = False

@@ -1,14 +1,16 @@
 """The writer in a process of its own (`DLR_WRITER_PROCESS`, on by default).
 
-`RemoteWriter` has the `Writer`'s interface (app/ingest.py) and is what the Ingestor's thread
-calls: it hands each batch to a child process, which runs the real `Writer` on its own
-connection, and waits for the outcomes. The batching, the order and every rule of the write
-path stay where they are; only the work of writing moves. Why: the event loop that answers
-the callbacks and the writer's Python work (building rows, the driver's calls, reading back
-what changed) shared one interpreter lock, and the process was bound by that lock with a
-core of the machine idle (a writer thread cost a callback 44-67 us of CPU under the lock;
-the README's Benchmark section has the measurements). Here the thread only pickles the batch
-and waits on the pipe without the lock.
+`RemoteWriter` is a `HandingWriter` (app/ingest.py): the Ingestor, on the event loop, hands
+it each batch, which it pickles to a child process that runs the real `Writer` on its own
+connection, and collects the outcomes when the pipe becomes readable. The batching, the
+order and every rule of the write path stay where they are; only the work of writing moves.
+Why: the event loop that answers the callbacks and the writer's Python work (building rows,
+the driver's calls, reading back what changed) shared one interpreter lock, and the process
+was bound by that lock with a core of the machine idle (a writer thread cost a callback
+44-67 us of CPU under the lock; the README's Benchmark section has the measurements). No
+thread of the server stands between the loop and the child either: a thread that only
+pickled and waited still took the lock back from the loop five times a batch, and each time
+waited for it (half of the 7 ms from one batch to the next went in those waits, measured).
 
 What the child does not have, it sends back with the outcomes: the send records' row ids,
 how many deliveries it created for forwarding, its metrics (commit times, database errors)
@@ -65,7 +67,8 @@ class Reply:
 
 
 class RemoteWriter:
-    """A `Writer` in a child process; called from the Ingestor's thread only."""
+    """A `Writer` in a child process; called on the event loop by the Ingestor only, one batch
+    at a time (`hand`, then `collect`)."""
 
     def __init__(self, settings: Settings, *, forwarding: bool) -> None:
         self.settings = settings
@@ -115,10 +118,17 @@ class RemoteWriter:
         conn.send(items)
         return conn
 
-    def write(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]:
+    def hand(self, items: Sequence[Item]) -> int:
+        """Send a batch to the child; the descriptor that becomes readable when it is written
+        (or when the child has ended)."""
+        return self._send(list(items)).fileno()
+
+    def collect(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]:
+        """The outcomes of the batch `hand` sent, once its descriptor is readable."""
         try:
-            conn = self._send(list(items))
-            reply: Reply = conn.recv()
+            if self._conn is None:
+                raise EOFError("no writer process")
+            reply: Reply = self._conn.recv()
         except (EOFError, OSError) as exc:
             # It ended with the batch: committed or not, it is answered 503 and sent again.
             self._stats.db_errors.append(ENDED)

@@ -19,10 +19,11 @@ import pytest
 from sqlalchemy import Engine, text
 
 from app.config import Settings, load_settings
-from app.db import Database, make_engine
+from app.db import Database, make_engine, utcnow
 from app.ingest import Writer
 from app.main import create_app
 from app.migrate import upgrade
+from app.notifications import interpret
 from app.writer_process import ENDED, RemoteWriter
 
 from .helpers import (
@@ -206,3 +207,19 @@ async def test_writer_process_false_stores_through_the_servers_thread(
         assert (await dlr(c, type="seen", msg_id="t1")).status_code == 200
     assert isinstance(app.state.ingestor.writer, Writer)
     assert events(engine) == 1
+
+
+async def test_a_call_on_the_writers_thread_waits_for_the_batches_before_it(
+        app_with: AppFactory, engine: Engine) -> None:
+    # The event loop drives the child; the forwarder's SQLite rounds (Ingestor.call) still
+    # take their turn between batches, never beside one.
+    app = await app_with(writer_process=True)
+    ingestor = app.state.ingestor
+    notes = [interpret({"type": "seen", "msg_id": f"c{i}"}, received_at=utcnow())
+             for i in range(30)]
+    first = [asyncio.ensure_future(ingestor.submit(n)) for n in notes[:20]]
+    stored_then = asyncio.ensure_future(ingestor.call(events, engine))
+    later = [asyncio.ensure_future(ingestor.submit(n)) for n in notes[20:]]
+    outcomes = await asyncio.gather(*first, *later)
+    assert await stored_then == 20
+    assert outcomes == ["new"] * 30 and events(engine) == 30
