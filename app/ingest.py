@@ -763,8 +763,10 @@ class Ingestor:
         try:
             results = self._handing.collect(items)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of any failure
-            log.exception("writer failed")
-            results = [StoreUnavailable(str(exc))] * len(batch)
+            if not isinstance(exc, StoreUnavailable):  # (that one is logged where it arose)
+                log.exception("writer failed")
+                exc = StoreUnavailable(str(exc))
+            results = [exc] * len(batch)
         self._written(batch, results)
 
     def _written(self, batch: list[_Pending], results: Sequence[Outcome | StoreUnavailable]

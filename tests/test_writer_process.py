@@ -131,6 +131,7 @@ async def test_a_writer_killed_with_a_batch_answers_503_and_the_resend_is_stored
         assert ended == 1  # the death is counted where operators look
         assert any("writer process ended" in r.getMessage() and "with a batch" in
                    r.getMessage() for r in caplog.records)
+        assert not [r for r in caplog.records if r.exc_info]  # said once, without a trace
         # The provider sends it again; a new child stores it, once.
         for _ in range(2):
             assert (await dlr(c, type="seen", msg_id="b1")).status_code == 200
