@@ -673,7 +673,10 @@ class Ingestor:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._handing is not None:
-            self._handing.start()  # here, not on the thread: the loop hands it every batch
+            try:  # here, not on the thread: the loop hands it every batch
+                self._handing.start()
+            except Exception:  # noqa: BLE001 - the first batch tries again and answers 503
+                log.exception("writer did not start")
         self._thread = threading.Thread(target=self._run, name="dlr-writer", daemon=True)
         self._thread.start()
 

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -224,3 +225,24 @@ async def test_a_call_on_the_writers_thread_waits_for_the_batches_before_it(
     outcomes = await asyncio.gather(*first, *later)
     assert await stored_then == 20
     assert outcomes == ["new"] * 30 and events(engine) == 30
+
+
+async def test_a_writer_process_that_fails_to_start_is_started_by_the_first_batch(
+        app_with: AppFactory, engine: Engine, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    real_start = RemoteWriter._start
+    starts: list[int] = []
+
+    def failing_once(self: RemoteWriter) -> Any:
+        starts.append(1)
+        if len(starts) == 1:
+            raise OSError("Resource temporarily unavailable")
+        return real_start(self)
+
+    monkeypatch.setattr(RemoteWriter, "_start", failing_once)
+    with caplog.at_level(logging.ERROR, logger="app.ingest"):
+        app = await app_with(writer_process=True)  # the server starts all the same
+    assert "writer did not start" in caplog.text
+    async with client_for(app) as c:
+        assert (await dlr(c, type="seen", msg_id="late-start")).status_code == 200
+    assert len(starts) == 2 and events(engine) == 1
