@@ -625,7 +625,7 @@ _STOP = object()  # put on the writer's queue by close(), behind everything queu
 
 @dataclass(slots=True)
 class _Call:
-    """Work for the writer's thread besides batches (Ingestor.call)."""
+    """Work for the Ingestor's thread besides batches (Ingestor.call)."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
@@ -691,7 +691,8 @@ class Ingestor:
         return await future
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the writer's thread, after what was submitted before it.
+        """`fn(*args)` on the Ingestor's thread, after what was submitted before it, and never
+        beside a batch.
 
         For other writers of the same SQLite file in this process (the forwarder's rounds):
         SQLite lets one connection write at a time, and a second thread beside the writer
@@ -801,7 +802,8 @@ class Ingestor:
             self.writer.close()
 
     def _run(self) -> None:
-        """The writer's thread: gather, write, hand the outcomes to the loop, repeat."""
+        """The Ingestor's thread: gather, write, hand the outcomes to the loop, repeat (with a
+        handing writer: run the calls only)."""
         q = self._queue
         pending: list[_Pending] = []
         try:

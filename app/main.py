@@ -43,7 +43,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ingestor = Ingestor(database.writer(forwarding=True),
                             max_batch=settings.batch_max_size)
         ingestor.start()
-        # Closed after the forwarder, whose last round may run on the writer's thread, and
+        # Closed after the forwarder, whose last round may run on the Ingestor's thread, and
         # before the database: uvicorn has stopped accepting and waited for requests in
         # flight; those waiting on a batch are answered before the writer stops.
         stack.push_async_callback(ingestor.close)
