@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -184,12 +185,12 @@ async def receive(request: Request, token: str | None = None) -> Response:
     try:
         body = b""
         if request.method == "POST":
-            if body_received(request.scope):  # nothing to wait for, so no deadline to arm
+            # A body that trickles in must not hold a connection (and its memory) forever;
+            # one that is all in has nothing to wait for, so no deadline is armed.
+            deadline = (nullcontext() if body_received(request.scope)
+                        else asyncio.timeout(settings.callback_read_timeout))
+            async with deadline:
                 body = await read_body(request, settings.max_callback_bytes)
-            else:
-                # A body that trickles in must not hold a connection (and its memory) forever.
-                async with asyncio.timeout(settings.callback_read_timeout):
-                    body = await read_body(request, settings.max_callback_bytes)
     except BodyTooLarge:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,

@@ -280,8 +280,6 @@ def _sending(cycle: RequestResponseCycle, close: Callable[[], None], access: Acc
                     name == b"content-length" for name, _ in message.get("headers", ())):
                 cycle.transport = _HeadWithBody(cycle)  # type: ignore[assignment]
         await send(message)
-        if isinstance(cycle.transport, _HeadWithBody) and message["type"] != "http.response.start":
-            cycle.transport.release()  # (uvicorn writes every body part; this is a safety net)
 
     return sending
 
