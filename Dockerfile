@@ -1,15 +1,26 @@
 # syntax=docker/dockerfile:1
 # Multi-stage: build the virtualenv with the compilers' stage, run from a slim one as non-root.
 FROM python:3.11-slim AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# uv, the release the Makefile pins (UV_VERSION there), from the package index with pip, in a
+# venv of its own that the final image leaves behind.
+ARG UV_VERSION=0.13.10
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
+RUN python -m venv /opt/uv && /opt/uv/bin/pip install --no-cache-dir "uv==${UV_VERSION}"
 WORKDIR /srv/dlr
-RUN python -m venv /opt/venv
-COPY pyproject.toml ./
-# Dependencies first, against an empty package (and an empty readme), so that a change to the
-# code or the README alone reuses this layer. Editable, so that the migrations beside the
-# package are found at the same path at run time; the real package then replaces the empty one.
-RUN mkdir app && touch app/__init__.py README.md && /opt/venv/bin/pip install -e . && rm -r app
+# Dependencies first, from the lock alone, so that a change to the code or the README reuses
+# this layer; serving's dependencies only (no dev extra). --locked: the build fails if uv.lock
+# no longer matches pyproject.toml.
+COPY pyproject.toml uv.lock ./
+RUN /opt/uv/bin/uv sync --locked --no-install-project --no-dev
+# Then the project, editable, so that the migrations beside the package are found at the same
+# path at run time (an empty README: its text is not needed to serve).
 COPY app ./app
+RUN touch README.md && /opt/uv/bin/uv sync --locked --no-dev
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
