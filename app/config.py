@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     @field_validator("forward_secret")
     @classmethod
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        from app.forwarding.signing import secret_key
+        from app.core.webhook_signing import secret_key
 
         if value is not None:
             secret_key(value.get_secret_value())  # raises ValueError with the reason
@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     @field_validator("forward_url")
     @classmethod
     def _forward_url(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from app.forwarding.urls import check_url
+        from app.core.targets import check_url
 
         if value is None:
             return None

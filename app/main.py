@@ -15,15 +15,20 @@ from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
-from app import api, callbacks, dashboard, docs, operations, process, send_api
-from app.api_guard import ApiGuard
 from app.config import Settings, get_settings
-from app.db import Database
-from app.forwarding import api as forwarding_api
-from app.forwarding.dispatcher import Forwarder
-from app.ingest import Ingestor
-from app.logs import BufferedStreamHandler
-from app.sender import NotConfigured, Sender
+from app.forward import routes as forward_routes
+from app.forward.dispatcher import Forwarder
+from app.ops import process
+from app.ops.logs import BufferedStreamHandler
+from app.query import dashboard, messages, rejected, stats
+from app.receive import callbacks
+from app.send import NotConfigured, Sender
+from app.send import routes as send_routes
+from app.store.db import Database
+from app.store.ingestor import Ingestor
+from app.store.writers import writer_for
+from app.web import docs, health
+from app.web.api_guard import ApiGuard
 
 log = logging.getLogger(__name__)
 # The largest API body is an image upload: the image and its multipart framing.
@@ -37,10 +42,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Pushed first, so run last; the lines logged after it are written at once.
         stack.callback(BufferedStreamHandler.write_through_all)
         database = Database(settings)
-        process.tune(database.engine.dialect.name)
+        tuned: bool = app.state.tune_process
+        if tuned:
+            process.tune(database.engine.dialect.name)
         await database.open()
         stack.push_async_callback(database.close)
-        ingestor = Ingestor(database.writer(forwarding=True),
+        ingestor = Ingestor(writer_for(database, forwarding=True),
                             max_batch=settings.batch_max_size)
         ingestor.start()
         # Closed after the forwarder, whose last round may run on the Ingestor's thread, and
@@ -62,11 +69,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.forwarder = forwarder
         app.state.ingestor = ingestor
         app.state.sender = sender
-        process.freeze_startup_objects()
+        if tuned:
+            process.freeze_startup_objects()
         yield
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, tune_process: bool = False) -> FastAPI:
+    """The application. `tune_process`: tune the interpreter it runs in for serving
+    (app/ops/process.py), as `dlr serve` does; an app built by a library user or a test leaves
+    its process as it found it."""
     settings = settings or get_settings()
     app = FastAPI(
         title="DLR receiver",
@@ -74,13 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Receives the provider's delivery, seen and reply notifications, keeps "
         "each message's true status, and sends messages through the provider.",
         lifespan=lifespan,
-        docs_url=None,  # app.docs serves them, from local assets
+        docs_url=None,  # app.web.docs serves them, from local assets
         openapi_url=None,
         # FastAPI's own OpenTelemetry hooks: this service exports Prometheus metrics, and the
         # per-request check whether a tracer is configured cost every request (profiled).
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
+    app.state.tune_process = tune_process
     app.add_middleware(ApiGuard, read_timeout=settings.api_read_timeout,
                        max_body=settings.upload_max_bytes + MULTIPART_OVERHEAD)
     # The most frequent routes first, in the app's own route list: the router tries them in
@@ -88,9 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the five other routers cost 88 us of CPU in the app, a bare route 34 us). The two hot
     # routes' DirectRoutes apply their dependencies (the access rule, with its overrides)
     # themselves, and the probes have none, so none of them needs an included router's view.
-    app.router.routes.extend([*callbacks.router.routes, *operations.router.routes,
-                              *api.lookup_router.routes])
-    for router in (api.router, send_api.router, forwarding_api.router, dashboard.router):
+    app.router.routes.extend([*callbacks.router.routes, *health.router.routes,
+                              *messages.lookup_router.routes])
+    for router in (messages.router, stats.router, rejected.router, send_routes.router,
+                   forward_routes.router, dashboard.router):
         app.include_router(router)
     docs.install(app, settings)
 
@@ -119,3 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The app `dlr serve` runs (uvicorn's factory, in every worker process): the interpreter
+    tuned for serving."""
+    return create_app(tune_process=True)

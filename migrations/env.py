@@ -3,9 +3,9 @@
 from alembic import context
 from sqlalchemy import text
 
-from app import models  # noqa: F401  (registers the tables on Base.metadata)
+from app.store import models  # noqa: F401  (registers the tables on Base.metadata)
 from app.config import get_settings
-from app.db import Base, make_engine
+from app.store.db import Base, make_engine
 
 # Replicas may all run `dlr serve` (which migrates) at once; on PostgreSQL one advisory
 # lock lets exactly one of them migrate while the others wait and then find nothing to do.

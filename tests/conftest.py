@@ -21,9 +21,9 @@ from playwright.sync_api import Browser, sync_playwright
 from sqlalchemy import Engine
 
 from app.config import Settings
-from app.db import make_engine
 from app.main import create_app
-from app.migrate import upgrade
+from app.store.db import make_engine
+from app.store.migrate import upgrade
 
 from .helpers import (
     CHROMIUM,

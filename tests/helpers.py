@@ -42,11 +42,10 @@ from sqlalchemy import Engine, Row, func, select, text
 from standardwebhooks.webhooks import Webhook
 
 from app.config import Settings, load_settings
-from app.forwarding import endpoints
-from app.forwarding.api import router as forwarding_router
-from app.forwarding.events import ForwardEvent, enqueue
-from app.ingest import SendRecord, store
-from app.models import Event, Rejected
+from app.forward import endpoints
+from app.store.models import Event, Rejected
+from app.store.outbox import ForwardEvent, enqueue
+from app.store.write import SendRecord, store
 
 # --- callbacks and rows ------------------------------------------------------------------------
 # What the provider sends, and how many rows it left: the vocabulary of most database tests.
@@ -95,11 +94,9 @@ AppFactory = Callable[..., Awaitable[FastAPI]]
 
 
 def make_settings(**values: Any) -> Settings:
-    """Settings for an app built in the test process. Its writer runs in a thread
-    (`writer_process=False`) unless a test asks for the child process: a child imports the
-    program's main script as it starts (pytest's, 0.3 s, for each of hundreds of apps).
-    tests/test_writer_process.py covers the child, and every real `dlr serve` runs it."""
-    values.setdefault("writer_process", False)
+    """Settings for an app built in the test process, as `dlr serve` runs it: the writer in a
+    child process unless the test asks for `writer_process=False` (a `ThreadWriter`, driven by
+    the same scheduling code), as a test that patches the write path in this process must."""
     return load_settings(_env_file=None, **values)
 
 
@@ -549,12 +546,3 @@ def emit(engine: Engine, events: list[ForwardEvent]) -> int:
 def add_endpoint(engine: Engine, url: str, **values: Any) -> Row[Any]:
     with engine.begin() as conn:
         return endpoints.create(conn, url=url, **values)
-
-
-def forward_app(settings: Settings, engine: Engine) -> FastAPI:
-    """A bare app with forwarding's routes (the real one includes them beside the rest)."""
-    app = FastAPI()
-    app.state.settings = settings
-    app.state.engine = engine
-    app.include_router(forwarding_router)
-    return app

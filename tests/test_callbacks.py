@@ -9,7 +9,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import Engine, select
 
-from app.models import Event, Rejected
+from app.store.models import Event, Rejected
 
 from .helpers import UUID_A, AppFactory, client_for, dlr, events, rejected
 

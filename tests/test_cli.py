@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import Settings
-from app.models import Send
-from app.simulator import ProviderSimulator
+from app.simulator.provider import ProviderSimulator
+from app.store.models import Send
 
 from .helpers import count, dlr, serving_in_thread
 

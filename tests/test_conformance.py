@@ -29,12 +29,12 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import load_settings
-from app.notifications import Status, interpret, shown_status_extended
-from app.sender.answers import CODES, parse_bulk_answer, parse_upload_answer, should_retry
-from app.sender.media import BadImage, check_image
-from app.sender.messages import SendRequest
-from app.sender.signing import sign_send, sign_upload
-from app.simulator import EmitterSettings, ProviderSimulator
+from app.core.notifications import Status, interpret, shown_status_extended
+from app.send.answers import CODES, parse_bulk_answer, parse_upload_answer, should_retry
+from app.send.media import BadImage, check_image
+from app.send.messages import SendRequest
+from app.send.signing import sign_send, sign_upload
+from app.simulator.provider import EmitterSettings, ProviderSimulator
 
 USER, KEY = "partner", "s3cret"
 PHONE, PHONE_2 = "79031234567", "79165557755"

@@ -21,10 +21,10 @@ from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import Engine
 
 from app.config import Settings
+from app.core.notifications import STATUS_EXTENDED_MEANING
 from app.main import create_app
-from app.notifications import STATUS_EXTENDED_MEANING
-from app.security import SESSION_COOKIE, new_session
-from app.simulator import EmitterSettings, ProviderSimulator
+from app.simulator.provider import EmitterSettings, ProviderSimulator
+from app.web.security import SESSION_COOKIE, new_session
 
 from .helpers import AppFactory, client_for, free_port, make_settings, serving_in_thread
 

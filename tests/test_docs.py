@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 
-from app import docs
-from app.db import make_engine
 from app.main import create_app
-from app.migrate import upgrade
+from app.store.db import make_engine
+from app.store.migrate import upgrade
+from app.web import docs
 
 from .helpers import CHROMIUM, AppFactory, client_for, make_settings, serving_in_thread
 

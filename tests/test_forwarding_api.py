@@ -5,21 +5,30 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Engine, func, select
 
 from app.config import Settings, SettingsError
-from app.forwarding import endpoints
-from app.forwarding.events import ForwardEvent, enqueue, has_endpoints
-from app.models import Delivery, Endpoint, OutboundEvent
+from app.forward import endpoints
+from app.store.models import Delivery, Endpoint, OutboundEvent
+from app.store.outbox import ForwardEvent, enqueue, has_endpoints
 
-from .helpers import add_endpoint, client_for, count, emit, forward_app, make_settings, status_event
+from .helpers import (
+    AppFactory,
+    add_endpoint,
+    client_for,
+    count,
+    emit,
+    make_settings,
+    status_event,
+)
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 @pytest.fixture
-def api(settings: Settings, engine: Engine):  # type: ignore[no-untyped-def]
-    return client_for(forward_app(settings, engine))
+def api(app: FastAPI):  # type: ignore[no-untyped-def]
+    return client_for(app)
 
 
 async def test_create_list_get_delete(api, engine: Engine) -> None:
@@ -94,16 +103,12 @@ async def test_rotate_secret_shows_the_new_one_once(api, engine: Engine) -> None
         assert len(endpoints.signing_keys(row, now + timedelta(hours=25))) == 1
 
 
-async def test_endpoint_from_settings_is_kept_in_step(settings: Settings, engine: Engine) -> None:
-    from app.forwarding.dispatcher import Forwarder
+async def test_endpoint_from_settings_is_kept_in_step(settings: Settings, engine: Engine,
+                                                     app_with: AppFactory) -> None:
+    from app.forward.dispatcher import Forwarder
 
-    configured = make_settings(database_url=settings.database_url,
-                               forward_url="http://127.0.0.1:9/from-env",
-                               forward_secret=SECRET)
-    forwarder = Forwarder(engine, configured)
-    await forwarder.start()
-    await forwarder.close()
-    async with client_for(forward_app(configured, engine)) as c:
+    async with client_for(await app_with(forward_url="http://127.0.0.1:9/from-env",
+                                         forward_secret=SECRET)) as c:
         listed = (await c.get("/api/v1/endpoints")).json()["items"]
         assert [(e["url"], e["from_settings"]) for e in listed] == [
             ("http://127.0.0.1:9/from-env", True)]
@@ -217,8 +222,7 @@ async def test_replay_and_listing(api, engine: Engine) -> None:
         assert (await c.post("/api/v1/deliveries/999999/retry")).status_code == 404
 
 
-async def test_api_needs_access(settings: Settings, engine: Engine) -> None:
-    app = forward_app(settings, engine)
+async def test_api_needs_access(app: FastAPI) -> None:
     async with client_for(app, peer="203.0.113.9") as c:
         assert (await c.get("/api/v1/endpoints")).status_code == 403
         assert (await c.post("/api/v1/endpoints", json={"url": "http://x/"})).status_code == 403

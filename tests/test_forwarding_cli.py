@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import Settings
-from app.models import Delivery, Endpoint
+from app.store.models import Delivery, Endpoint
 
 from .helpers import count, emit, status_event
 

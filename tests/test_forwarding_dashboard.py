@@ -10,9 +10,9 @@ from playwright.sync_api import Browser, expect
 from sqlalchemy import Engine, select, update
 
 from app.config import Settings
-from app.forwarding.queue import Outcome, record
+from app.forward.queue import Outcome, record
 from app.main import create_app
-from app.models import Delivery
+from app.store.models import Delivery
 
 from .helpers import add_endpoint, emit, make_settings, serving_in_thread, status_event
 

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import Engine, select
 
 from app.config import Settings
-from app.forwarding import deliveries, endpoints
-from app.forwarding.dispatcher import Forwarder
-from app.models import Delivery, DeliveryAttempt, Endpoint
+from app.forward import deliveries, endpoints
+from app.forward.dispatcher import Forwarder
+from app.store.models import Delivery, DeliveryAttempt, Endpoint
 
 from .helpers import (
     Sink,

@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from app.config import Settings
-from app.db import make_engine
-from app.migrate import upgrade
+from app.store.db import make_engine
+from app.store.migrate import upgrade
 
 from .helpers import (
     UUID_A,

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, select, update
 
-from app.forwarding.queue import Outcome, record
-from app.models import Delivery, DeliveryAttempt, OutboundEvent
-from app.retention import purge
+from app.forward.queue import Outcome, record
+from app.store.models import Delivery, DeliveryAttempt, OutboundEvent
+from app.store.retention import purge
 
 from .helpers import add_endpoint, count, emit, status_event
 

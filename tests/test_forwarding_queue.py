@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, select, update
 
-from app.forwarding.queue import Claim, Outcome, claim, record
-from app.models import Delivery, DeliveryAttempt, OutboundEvent
+from app.forward.queue import Claim, Outcome, claim, record
+from app.store.models import Delivery, DeliveryAttempt, OutboundEvent
 
 from .helpers import add_endpoint, emit, status_event
 

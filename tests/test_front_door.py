@@ -15,14 +15,14 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import ingest
 from app.config import Settings
-from app.db import Database
 from app.main import create_app
-from app.migrate import upgrade
-from app.models import Message
-from app.security import require_api_access
-from app.sender import SendRequest
+from app.send import SendRequest
+from app.store import write as ingest
+from app.store.db import Database
+from app.store.migrate import upgrade
+from app.store.models import Message
+from app.web.security import require_api_access
 
 from .helpers import (
     AppFactory,
@@ -81,10 +81,10 @@ async def test_overriding_the_access_rule_changes_every_api_route(app: FastAPI) 
 
 
 @pytest.mark.parametrize(("path", "target", "attribute"), [
-    ("/dlr?type=seen&msg_id=m1", "app.callbacks", "interpret"),
-    ("/api/v1/messages/m1", "app.db.Database", "read_rows"),
-    ("/api/v1/messages", "app.db.Database", "read_rows"),
-    ("/api/v1/stats", "app.db.Database", "session"),
+    ("/dlr?type=seen&msg_id=m1", "app.receive.callbacks", "interpret"),
+    ("/api/v1/messages/m1", "app.store.db.Database", "read_rows"),
+    ("/api/v1/messages", "app.store.db.Database", "read_rows"),
+    ("/api/v1/stats", "app.store.db.Database", "session"),
 ])
 async def test_an_unexpected_error_is_the_same_json_500_everywhere(
     app: FastAPI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -137,7 +137,7 @@ async def test_an_accepted_send_is_recorded_when_the_database_fails_at_first(
 ) -> None:
     """The provider accepted: its msg_ids exist nowhere else. A database fault between its
     answer and the commit is retried through the write path until the record is stored."""
-    from app.simulator import ProviderSimulator
+    from app.simulator.provider import ProviderSimulator
 
     sim = ProviderSimulator(user="u", secret_key="k")
     real = ingest._store_send
@@ -150,7 +150,7 @@ async def test_an_accepted_send_is_recorded_when_the_database_fails_at_first(
         real(conn, record)
 
     monkeypatch.setattr(ingest, "_store_send", flaky)
-    monkeypatch.setattr("app.sender.RECORD_BACKOFF", 0.01)
+    monkeypatch.setattr("app.send.RECORD_BACKOFF", 0.01)
     with serving_in_thread(sim.app()) as sim_url:
         # The fault is patched into this process's write path: the writer runs here.
         app = await app_with(bulk_url=sim_url + "/", bulk_user="u", bulk_secret_key="k",
@@ -168,20 +168,20 @@ async def test_an_accepted_send_is_recorded_when_the_database_fails_at_first(
 async def test_msg_ids_are_logged_when_a_send_cannot_be_recorded(
     app_with: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from app.simulator import ProviderSimulator
+    from app.simulator.provider import ProviderSimulator
 
     def down(_conn: Any, _record: ingest.SendRecord) -> None:
         raise OperationalError("INSERT INTO sends", {}, Exception("database is down"))
 
     monkeypatch.setattr(ingest, "_store_send", down)
-    monkeypatch.setattr("app.sender.RECORD_BACKOFF", 0.001)
+    monkeypatch.setattr("app.send.RECORD_BACKOFF", 0.001)
     sim = ProviderSimulator(user="u", secret_key="k")
     with serving_in_thread(sim.app()) as sim_url:
         # The fault is patched into this process's write path: the writer runs here.
         app = await app_with(bulk_url=sim_url + "/", bulk_user="u", bulk_secret_key="k",
                              bulk_from="Shop", writer_process=False)
         async with client_for(app) as c:
-            with caplog.at_level(logging.ERROR, logger="app.sender"):
+            with caplog.at_level(logging.ERROR, logger="app.send"):
                 r = await c.post("/api/v1/messages", json={"phone": ["79031234567"],
                                                            "txt": "hi"})
     assert r.status_code == 200  # the message is on its way: the caller gets its msg_id

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 
 from app.config import Settings
-from app.db import make_engine
 from app.main import create_app
-from app.migrate import upgrade
-from app.models import Event, Rejected
+from app.store.db import make_engine
+from app.store.migrate import upgrade
+from app.store.models import Event, Rejected
 
 from .helpers import make_settings, serving_in_thread
 

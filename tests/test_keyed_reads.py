@@ -13,9 +13,9 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from sqlalchemy import Engine, Select
 
-from app.api import fetch_message
-from app.db import Database
-from app.notifications import msg_key
+from app.core.notifications import msg_key
+from app.query.messages import fetch_message
+from app.store.db import Database
 
 from .helpers import UUID_A, dlr, record_send
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 
-from app.logs import RedactTokens, redact, redact_query
+from app.ops.logs import RedactTokens, redact, redact_query
 
 from .helpers import running_server
 

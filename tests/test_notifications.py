@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app.notifications import (
+from app.core.notifications import (
     NUMERIC_STATUS_EXTENDED_MEANING,
     Invalid,
     Status,
@@ -87,7 +87,7 @@ def test_earlier_sms_labels_stay_known_and_explained() -> None:
 
 
 def test_the_dashboard_explains_the_neutral_codes() -> None:
-    from app.dashboard import page
+    from app.query.dashboard import page
 
     html = page()
     assert '"STATUS_-2": "Expired' in html and '"SMS_-2": "Expired' in html

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from app.logs import JsonFormatter, RedactTokens, redact
+from app.ops.logs import JsonFormatter, RedactTokens, redact
 
 from .helpers import AppFactory, client_for
 
@@ -22,11 +22,12 @@ def test_callback_tokens_are_masked_in_logs() -> None:
 
 def test_json_log_lines_carry_the_extra_fields() -> None:
     record = logging.makeLogRecord({"msg": "not stored, answered 503: %s", "args": ("down",),
-                                    "levelname": "WARNING", "name": "app.callbacks",
+                                    "levelname": "WARNING", "name": "app.receive.callbacks",
                                     "msg_id": "abc-1"})
     doc = json.loads(JsonFormatter().format(record))
     assert doc["message"] == "not stored, answered 503: down"
-    assert (doc["level"], doc["msg_id"], doc["logger"]) == ("warning", "abc-1", "app.callbacks")
+    assert (doc["level"], doc["msg_id"], doc["logger"]) == (
+        "warning", "abc-1", "app.receive.callbacks")
 
 
 async def test_metrics_and_docs_can_be_restricted(app_with: AppFactory) -> None:

@@ -11,9 +11,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from app.config import Settings
-from app.db import make_engine
 from app.main import create_app
-from app.migrate import upgrade
+from app.store.db import make_engine
+from app.store.migrate import upgrade
 
 from .helpers import (
     AppFactory,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import Settings
-from app.models import Event, Message, Rejected
+from app.store.models import Event, Message, Rejected
 
 from .helpers import count, dlr
 
@@ -100,7 +100,7 @@ async def test_at_a_terminal_purge_asks_first(
     monkeypatch: pytest.MonkeyPatch, answer: str, exit_code: int, left: tuple[int, int, int]
 ) -> None:
     await old_and_new(client, engine)
-    monkeypatch.setattr("app.cli._interactive", lambda: True)  # as if run from a terminal
+    monkeypatch.setattr("app.cli.commands._interactive", lambda: True)  # as if run from a terminal
     result = CliRunner().invoke(cli, ["purge", "--older-than", "90d"], input=answer,
                                 env={"DLR_DATABASE_URL": settings.database_url})
     assert result.exit_code == exit_code, result.output
@@ -114,7 +114,7 @@ async def test_age_zero_needs_yes_even_at_a_terminal(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await old_and_new(client, engine)
-    monkeypatch.setattr("app.cli._interactive", lambda: True)
+    monkeypatch.setattr("app.cli.commands._interactive", lambda: True)
     env = {"DLR_DATABASE_URL": settings.database_url}
     refused = CliRunner().invoke(cli, ["purge", "--older-than", "0d"], input="y\n", env=env)
     assert refused.exit_code == 2

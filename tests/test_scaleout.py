@@ -22,10 +22,11 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from app.db import make_engine
-from app.ingest import Writer, store
-from app.migrate import upgrade
-from app.notifications import STATUS_EXTENDED_MEANING, interpret
+from app.core.notifications import STATUS_EXTENDED_MEANING, interpret
+from app.store.db import make_engine
+from app.store.migrate import upgrade
+from app.store.write import store
+from app.store.writer import Writer
 
 from .helpers import make_settings, running_server, wipe
 
@@ -168,7 +169,7 @@ def test_a_deadlock_with_another_writer_is_written_again_not_refused(
     writer = Writer(engine)
     outcome: list[Any] = []
     try:
-        with engine.connect() as other, caplog.at_level(logging.INFO, logger="app.ingest"):
+        with engine.connect() as other, caplog.at_level(logging.INFO, logger="app.store.writer"):
             other.begin()
             store(other, [second])  # the other writer holds `second`, uncommitted
             ours = threading.Thread(target=lambda: outcome.extend(writer.write([first, second])))

@@ -11,10 +11,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from app.db import make_engine
 from app.main import create_app
-from app.migrate import upgrade
-from app.simulator import ProviderSimulator
+from app.simulator.provider import ProviderSimulator
+from app.store.db import make_engine
+from app.store.migrate import upgrade
 
 from .helpers import make_settings, serving_in_thread
 

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from starlette.requests import Request
 
 from app.config import IPNetwork
-from app.security import client_ip
+from app.web.security import client_ip
 
 from .helpers import AppFactory, client_for, events
 

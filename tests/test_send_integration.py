@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.config import Settings
 from app.main import create_app
-from app.models import Send
-from app.sender import SendRequest, SendResult, standalone_sender
-from app.simulator import EmitterSettings, ProviderSimulator
+from app.send import SendRequest, SendResult, standalone_sender
+from app.simulator.provider import EmitterSettings, ProviderSimulator
+from app.store.models import Send
 
 from .helpers import count, events, free_port, make_settings, serving_in_thread
 
@@ -122,7 +122,7 @@ def test_final_codes_are_not_retried(stack: Stack, engine: Engine, code: int) ->
 def test_repeatable_codes_are_retried(stack: Stack, code: int,
                                       caplog: pytest.LogCaptureFixture) -> None:
     stack.api.post(f"{stack.sim_url}/_sim/control", json={"codes": [code, code]})
-    with caplog.at_level(logging.WARNING, logger="app.sender.client"):
+    with caplog.at_level(logging.WARNING, logger="app.send.client"):
         r = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "hi"})
     assert r.status_code == 200 and r.json()["code"] == 0
     assert len(stack.sim.requests) == 3
@@ -255,7 +255,7 @@ def test_csv_campaign_of_1000_rows_is_resumable(
         assert len(s.sim.requests) == 1000  # nothing new went out
     finally:
         gen.close()
-    from app.models import Message
+    from app.store.models import Message
     assert count(engine, Message) == 1000
 
 

@@ -9,16 +9,16 @@ from urllib.parse import parse_qsl
 import pytest
 from pydantic import ValidationError
 
-from app.sender import signing
-from app.sender.answers import (
+from app.send import signing
+from app.send.answers import (
     MalformedAnswer,
     parse_bulk_answer,
     parse_upload_answer,
     should_retry,
 )
-from app.sender.media import BadImage, check_image
-from app.sender.messages import Kind, SendRequest
-from app.sender.signing import sign_send, sign_upload
+from app.send.media import BadImage, check_image
+from app.send.messages import Kind, SendRequest
+from app.send.signing import sign_send, sign_upload
 
 BULOK = "Съешь еще этих французских булок"
 PHONE, PHONE_2 = "79031234567", "79165557755"

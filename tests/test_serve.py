@@ -283,7 +283,7 @@ def _cycle(method: str, transport: _Recording) -> Any:
     from uvicorn.protocols.http.flow_control import FlowControl
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-    from app.http_protocol import _sending
+    from app.ops.http_protocol import _sending
 
     cycle = RequestResponseCycle(
         scope={"type": "http", "method": method, "http_version": "1.1", "headers": [],

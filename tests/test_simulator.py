@@ -25,10 +25,10 @@ from fastapi.responses import PlainTextResponse
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.notifications import interpret
-from app.sender.answers import parse_bulk_answer, parse_upload_answer
-from app.sender.signing import sign_send, sign_upload
-from app.simulator import DlrEmitter, EmitterSettings, ProviderSimulator
+from app.core.notifications import interpret
+from app.send.answers import parse_bulk_answer, parse_upload_answer
+from app.send.signing import sign_send, sign_upload
+from app.simulator.provider import DlrEmitter, EmitterSettings, ProviderSimulator
 
 from .helpers import DLR, free_port, serving_in_thread
 

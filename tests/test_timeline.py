@@ -11,9 +11,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine, insert
 
-from app.ingest import store
-from app.models import Event
-from app.notifications import interpret
+from app.core.notifications import interpret
+from app.store.models import Event
+from app.store.write import store
 
 TYPES = ("delivery", "seen", "reply")
 
@@ -163,9 +163,9 @@ def test_timeline_conforms_to_its_schema(sqlite_url: str) -> None:
     from hypothesis import settings as hypothesis_settings
     from schemathesis.checks import positive_data_acceptance
 
-    from app.db import make_engine
     from app.main import create_app
-    from app.migrate import upgrade
+    from app.store.db import make_engine
+    from app.store.migrate import upgrade
 
     from .helpers import make_settings, serving_in_thread
 

@@ -20,12 +20,14 @@ import pytest
 from sqlalchemy import Engine, text
 
 from app.config import Settings, load_settings
-from app.db import Database, make_engine, utcnow
-from app.ingest import Writer
+from app.core.notifications import interpret
+from app.core.times import utcnow
 from app.main import create_app
-from app.migrate import upgrade
-from app.notifications import interpret
-from app.writer_process import ENDED, RemoteWriter
+from app.store.db import Database, make_engine
+from app.store.migrate import upgrade
+from app.store.writer import ThreadWriter
+from app.store.writer_process import ENDED, RemoteWriter
+from app.store.writers import writer_for
 
 from .helpers import (
     AppFactory,
@@ -124,7 +126,7 @@ async def test_a_writer_killed_with_a_batch_answers_503_and_the_resend_is_stored
             assert not waiting.done()
             killed = writer.pid
             assert killed is not None
-            with caplog.at_level(logging.ERROR, logger="app.writer_process"):
+            with caplog.at_level(logging.ERROR, logger="app.store.writer_process"):
                 os.kill(killed, signal.SIGKILL)
                 answer = await asyncio.wait_for(waiting, timeout=10)
         assert answer.status_code == 503 and answer.headers["retry-after"]
@@ -158,10 +160,10 @@ async def test_the_childs_log_lines_reach_the_servers_log(
                 conn.execute(text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
-            with caplog.at_level(logging.INFO, logger="app.ingest"):
+            with caplog.at_level(logging.INFO, logger="app.store.writer"):
                 assert (await dlr(c, type="seen", msg_id="l1")).status_code == 200
         lost = [r for r in caplog.records if "writer connection lost" in r.getMessage()]
-        assert lost and lost[0].name == "app.ingest" and lost[0].process == child
+        assert lost and lost[0].name == "app.store.writer" and lost[0].process == child
         assert events(engine) == 2
     finally:
         engine.dispose()
@@ -169,8 +171,8 @@ async def test_the_childs_log_lines_reach_the_servers_log(
 
 async def test_a_send_gets_its_record_id_from_the_child(app_with: AppFactory,
                                                         engine: Engine) -> None:
-    from app.sender import SendRequest
-    from app.simulator import ProviderSimulator
+    from app.send import SendRequest
+    from app.simulator.provider import ProviderSimulator
 
     from .helpers import serving_in_thread
 
@@ -192,10 +194,10 @@ def test_the_child_is_the_default_and_the_setting_keeps_the_writer_here(
 ) -> None:
     default = load_settings(_env_file=None, database_url=settings.database_url)
     here = make_settings(database_url=settings.database_url, writer_process=False)
-    for chosen, kind in ((default, RemoteWriter), (here, Writer)):
+    for chosen, kind in ((default, RemoteWriter), (here, ThreadWriter)):
         database = Database(chosen)
         try:
-            assert isinstance(database.writer(forwarding=True), kind)
+            assert isinstance(writer_for(database, forwarding=True), kind)
         finally:
             database.engine.dispose()
             database.reader.dispose()
@@ -207,7 +209,7 @@ async def test_writer_process_false_stores_through_the_servers_thread(
     app = await app_with(writer_process=False)
     async with client_for(app) as c:
         assert (await dlr(c, type="seen", msg_id="t1")).status_code == 200
-    assert isinstance(app.state.ingestor.writer, Writer)
+    assert isinstance(app.state.ingestor.writer, ThreadWriter)
     assert events(engine) == 1
 
 
@@ -240,7 +242,7 @@ async def test_a_writer_process_that_fails_to_start_is_started_by_the_first_batc
         return real_start(self)
 
     monkeypatch.setattr(RemoteWriter, "_start", failing_once)
-    with caplog.at_level(logging.ERROR, logger="app.ingest"):
+    with caplog.at_level(logging.ERROR, logger="app.store.ingestor"):
         app = await app_with(writer_process=True)  # the server starts all the same
     assert "writer did not start" in caplog.text
     async with client_for(app) as c:

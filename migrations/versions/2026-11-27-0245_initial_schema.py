@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.db
+import app.store.db
 
 revision: str = "34b67c061b07"
 down_revision: str | None = None
@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.Column("text", sa.Text(), nullable=True),
         sa.Column("text_raw", sa.LargeBinary(), nullable=True),
         sa.Column("p_transaction_id", sa.Text(), nullable=True),
-        sa.Column("received_at", app.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", app.store.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_events")),
         sa.UniqueConstraint("dedupe_key", name=op.f("uq_events_dedupe_key")),
     )
@@ -63,11 +63,11 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("status_rank", sa.Integer(), nullable=False),
         sa.Column("status_extended", sa.Text(), nullable=True),
-        sa.Column("sent_at", app.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("delivered_at", app.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("seen_at", app.db.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("created_at", app.db.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", app.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("sent_at", app.store.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("delivered_at", app.store.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("seen_at", app.store.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", app.store.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", app.store.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_messages")),
         sa.UniqueConstraint("msg_key", name=op.f("uq_messages_msg_key")),
     )
@@ -93,7 +93,7 @@ def upgrade() -> None:
         sa.Column("query", sa.LargeBinary(), nullable=False),
         sa.Column("body", sa.LargeBinary(), nullable=False),
         sa.Column("source_ip", sa.String(length=64), nullable=True),
-        sa.Column("received_at", app.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", app.store.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_rejected")),
     )
     op.create_table(
@@ -113,7 +113,7 @@ def upgrade() -> None:
         sa.Column("code", sa.Integer(), nullable=True),
         sa.Column("tech_message", sa.Text(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("created_at", app.db.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", app.store.db.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sends")),
     )
     with op.batch_alter_table("sends", schema=None) as batch_op:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.db
+import app.store.db
 
 revision: str = "c7f0a2d41b12"
 down_revision: str | None = "b2c3d4e5f601"
@@ -18,7 +18,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-Time = app.db.UTCDateTime(timezone=True)
+Time = app.store.db.UTCDateTime(timezone=True)
 
 
 def upgrade() -> None:

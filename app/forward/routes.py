@@ -1,0 +1,211 @@
+"""REST routes of forwarding: endpoints, deliveries, replay and retry."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from fastapi import HTTPException, Path, Query, Request, Response, status
+from sqlalchemy import Connection
+
+from app.core.targets import blocked_address
+from app.core.times import utcnow
+from app.core.webhook_signing import mask
+from app.forward import deliveries, endpoints
+from app.forward.schemas import (
+    AttemptOut,
+    DeliveryOut,
+    DeliveryPage,
+    EndpointIn,
+    EndpointList,
+    EndpointOut,
+    EndpointStatsOut,
+    LastErrorOut,
+    ReplayIn,
+    ReplayOut,
+)
+from app.store.db import Database
+from app.web.paging import Cursor, decode_cursor
+from app.web.routing import api_router
+from app.web.schemas import invalid
+
+router = api_router(tags=["forwarding"])
+# A row id: any larger number cannot name a delivery (and overflows the column's type).
+DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+T = TypeVar("T")
+Responses = dict[int | str, dict[str, Any]]
+NOT_FOUND: Responses = {404: {"description": "no such endpoint or delivery"}}
+CONFLICT: Responses = {409: {"description": "not possible in the endpoint's current state"}}
+RESOLVE_SECONDS = 3.0
+
+
+async def _in_transaction(request: Request, fn: Callable[[Connection], T]) -> T:
+    """Run `fn` in one transaction on the app's write engine, in one of the app's read
+    threads (these admin calls share their limit)."""
+    database: Database = request.app.state.database
+
+    def run() -> T:
+        with database.engine.begin() as conn:
+            return fn(conn)
+
+    try:
+        return await database.in_thread(run)
+    except endpoints.NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except endpoints.Conflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
+
+def _wake(request: Request) -> None:
+    forwarder = getattr(request.app.state, "forwarder", None)
+    if forwarder is not None:
+        forwarder.wake()
+
+
+async def _refuse_link_local(url: str) -> None:
+    """Refuse a host that resolves to a link-local address now; one that does not resolve
+    (yet) is accepted, since every connection is checked again after resolution."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        async with asyncio.timeout(RESOLVE_SECONDS):
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, parts.port or 443, type=socket.SOCK_STREAM)
+    except (OSError, TimeoutError):
+        return
+    for info in infos:
+        if blocked_address(str(info[4][0])):
+            raise invalid(("body", "url"), f"{host} resolves to the link-local address "
+                          f"{info[4][0]}, which is refused")
+
+
+def _stats_out(s: endpoints.Stats) -> EndpointStatsOut:
+    last = s.last_error
+    return EndpointStatsOut(
+        pending=s.pending, backlog=s.backlog, oldest_pending_at=s.oldest_pending_at,
+        success_rate=s.success_rate, attempts_considered=s.attempts_considered,
+        last_error=LastErrorOut(at=last.at, status_code=last.status_code,
+                                response=last.response) if last else None)
+
+
+def _delivery_out(item: deliveries.Listed) -> DeliveryOut:
+    d = item.delivery
+    return DeliveryOut(
+        id=d.id, endpoint_id=d.endpoint_id, status=d.status, webhook_id=d.webhook_id,
+        event_type=d.event_type, msg_id=item.msg_id, sequence=d.sequence,
+        occurred_at=d.occurred_at, created_at=d.created_at,
+        next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
+        finished_at=d.finished_at, attempt_count=d.attempts,
+        last_status_code=d.last_status_code, last_error=d.last_error,
+        attempts=[AttemptOut(attempted_at=a.attempted_at, status_code=a.status_code, ok=a.ok,
+                             latency_ms=a.latency_ms, response=a.response)
+                  for a in item.attempts])
+
+
+@router.post("/endpoints", status_code=status.HTTP_201_CREATED, response_model=EndpointOut)
+async def create_endpoint(body: EndpointIn, request: Request) -> EndpointOut:
+    """Add an endpoint. The answer holds its signing secret in full, this once."""
+    await _refuse_link_local(body.url)
+    row = await _in_transaction(request, lambda conn: endpoints.create(
+        conn, url=body.url, events=body.events, prefix=body.p_transaction_id_prefix,
+        description=body.description))
+    _wake(request)
+    return EndpointOut.of(row, secret=row.secret)
+
+
+@router.get("/endpoints", response_model=EndpointList)
+async def list_endpoints(request: Request) -> EndpointList:
+    """Every endpoint (secrets masked), with its backlog, success rate and last error."""
+    def load(conn: Connection) -> tuple[list[Any], dict[str, endpoints.Stats]]:
+        rows = endpoints.list_all(conn)
+        return rows, endpoints.stats(conn, rows)
+
+    rows, stats = await _in_transaction(request, load)
+    return EndpointList(items=[EndpointOut.of(r, secret=mask(r.secret),
+                                              stats=_stats_out(stats[r.id])) for r in rows])
+
+
+@router.get("/endpoints/{endpoint_id}", response_model=EndpointOut, responses=NOT_FOUND)
+async def get_endpoint(endpoint_id: str, request: Request) -> EndpointOut:
+    def load(conn: Connection) -> tuple[Any, endpoints.Stats]:
+        row = endpoints.get(conn, endpoint_id)
+        return row, endpoints.stats(conn, [row])[row.id]
+
+    row, stats = await _in_transaction(request, load)
+    return EndpointOut.of(row, secret=mask(row.secret), stats=_stats_out(stats))
+
+
+@router.delete("/endpoints/{endpoint_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={**NOT_FOUND, **CONFLICT})
+async def delete_endpoint(endpoint_id: str, request: Request) -> Response:
+    """Remove an endpoint and its deliveries (pending ones are not sent)."""
+    await _in_transaction(request, lambda conn: endpoints.remove(conn, endpoint_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/endpoints/{endpoint_id}/rotate-secret", response_model=EndpointOut,
+             responses={**NOT_FOUND, **CONFLICT})
+async def rotate_secret(endpoint_id: str, request: Request) -> EndpointOut:
+    """A new secret, shown in full here; the old one keeps signing beside it for 24 h."""
+    row = await _in_transaction(request, lambda conn: endpoints.rotate(conn, endpoint_id))
+    return EndpointOut.of(row, secret=row.secret)
+
+
+@router.post("/endpoints/{endpoint_id}/enable", response_model=EndpointOut,
+             responses=NOT_FOUND)
+async def enable_endpoint(endpoint_id: str, request: Request) -> EndpointOut:
+    """Enable an endpoint again (one that answered 410 Gone is disabled)."""
+    row = await _in_transaction(request, lambda conn: endpoints.enable(conn, endpoint_id))
+    _wake(request)
+    return EndpointOut.of(row, secret=mask(row.secret))
+
+
+@router.post("/endpoints/{endpoint_id}/replay", response_model=ReplayOut,
+             status_code=status.HTTP_202_ACCEPTED, responses={**NOT_FOUND, **CONFLICT})
+async def replay(endpoint_id: str, body: ReplayIn, request: Request) -> ReplayOut:
+    """Send every stored event of [since, until) that the endpoint takes again, each with its
+    original webhook-id (consumers that dedupe on it see a replay as a repeat)."""
+    until = body.until or utcnow()
+    queued = await _in_transaction(request, lambda conn: endpoints.replay(
+        conn, endpoint_id, since=body.since, until=until))
+    _wake(request)
+    return ReplayOut(endpoint_id=endpoint_id, since=body.since, until=until, queued=queued)
+
+
+@router.get("/deliveries", response_model=DeliveryPage)
+async def list_deliveries(
+    request: Request,
+    endpoint_id: str | None = None,
+    status_: Annotated[Literal["pending", "delivered", "failed"] | None,
+                       Query(alias="status")] = None,
+    msg_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Cursor = None,
+) -> DeliveryPage:
+    """Deliveries, newest first, each with its attempts."""
+    before = decode_cursor(cursor)
+    items, next_id = await _in_transaction(request, lambda conn: deliveries.page(
+        conn, endpoint_id=endpoint_id, status=status_, msg_id=msg_id, limit=limit,
+        before=before))
+    return DeliveryPage(items=[_delivery_out(i) for i in items],
+                        next_cursor=str(next_id) if next_id is not None else None)
+
+
+@router.get("/deliveries/{delivery_id}", response_model=DeliveryOut, responses=NOT_FOUND)
+async def get_delivery(delivery_id: DeliveryId, request: Request) -> DeliveryOut:
+    return _delivery_out(await _in_transaction(
+        request, lambda conn: deliveries.one(conn, delivery_id)))
+
+
+@router.post("/deliveries/{delivery_id}/retry", response_model=DeliveryOut,
+             status_code=status.HTTP_202_ACCEPTED, responses={**NOT_FOUND, **CONFLICT})
+async def retry_delivery(delivery_id: DeliveryId, request: Request) -> DeliveryOut:
+    """Attempt the delivery again now (whatever its status), with the same webhook-id."""
+    item = await _in_transaction(request, lambda conn: deliveries.retry(conn, delivery_id))
+    _wake(request)
+    return _delivery_out(item)
+
+

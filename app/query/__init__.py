@@ -1,0 +1,1 @@
+"""REST reads (messages, replies, stats, timeline, rejected) and the dashboard."""

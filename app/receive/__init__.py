@@ -1,0 +1,1 @@
+"""The callback receiver: the provider's delivery, seen and reply notifications on /dlr."""

@@ -1,0 +1,74 @@
+"""`ApiGuard`: who may send a body to /api/*, decided before a byte of it is read.
+
+FastAPI reads and parses a route's body before it solves the route's dependencies, so the
+access rule as a dependency alone let an unauthenticated client make the server read (and
+buffer, or spool to disk) a body of any size, as slowly as it liked. This middleware runs
+the same access dependency first, and gives every API body a size limit (the largest image
+upload; the JSON send route has FastAPI's tighter `max_body_size` of its own) and a read
+deadline. Only requests to /api/* that may carry a body pay for any of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.exception_handlers import http_exception_handler
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.web.routing import call_dependencies
+from app.web.security import require_api_access
+
+ACCESS = [Depends(require_api_access)]
+_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+class ApiGuard:
+    def __init__(self, app: ASGIApp, read_timeout: float, max_body: int) -> None:
+        self.app = app
+        self.read_timeout = read_timeout
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["method"] in _NO_BODY
+                or not scope["path"].startswith("/api/")):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            await call_dependencies(request, ACCESS)
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_body:
+                raise self._too_large()
+        except HTTPException as exc:
+            response = await http_exception_handler(request, exc)
+            await response(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout
+        body_done = False
+        received = 0
+
+        async def receive_in_time() -> Message:
+            nonlocal body_done, received
+            if body_done:  # afterwards only a disconnect can come: no deadline for that
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    status.HTTP_408_REQUEST_TIMEOUT,
+                    f"request body not received within {self.read_timeout:g} s") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body")
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, receive_in_time, send)
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                             f"request body over {self.max_body} bytes")
