@@ -30,8 +30,8 @@ from rich.table import Table
 from sqlalchemy import text
 
 from app.config import load_settings
-from app.db import make_engine
-from app.migrate import upgrade
+from app.store.db import make_engine
+from app.store.migrate import upgrade
 from bench.cpu import Snapshot, cell, per_request, used
 from bench.forwarding import forwarding_round, markdown_rows
 from bench.seed import seed
