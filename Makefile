@@ -91,7 +91,7 @@ container-tools:
 
 container-test: $(TEST_STAMP) container-tools
 	tests/container/base-image.sh
-	DLR_CONTAINER_TEST_REQUIRED=1 $(BIN)/pytest -m container tests/test_container.py $(PYTEST_ARGS)
+	DLR_CONTAINER_TEST_REQUIRED=1 $(BIN)/pytest -m container tests/deploy/test_container.py $(PYTEST_ARGS)
 
 # wrk drives the load; a fresh machine lacks it (installing it needs root, as on CI).
 bench-tools:

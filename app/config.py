@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     # A body sent to /api/* (a send, an image upload) must arrive within this many seconds.
     api_read_timeout: float = Field(default=60.0, gt=0, le=3600)
     batch_max_size: int = Field(default=500, ge=1, le=5000)
-    # The write path's database work in a child process (app/writer_process.py) rather than
+    # The write path's database work in a child process (app/store/writer_process.py) rather than
     # a thread of the server's: off, for a debugger or a test that patches the write path.
     writer_process: bool = True
     send_max_retries: int = Field(default=3, ge=0, le=10)

@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import text
 
-from app.store import models  # noqa: F401  (registers the tables on Base.metadata)
 from app.config import get_settings
+from app.store import models  # noqa: F401  (registers the tables on Base.metadata)
 from app.store.db import Base, make_engine
 
 # Replicas may all run `dlr serve` (which migrates) at once; on PostgreSQL one advisory

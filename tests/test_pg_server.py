@@ -40,7 +40,7 @@ def test_database_tests_pass_where_nothing_listens_on_the_admin_url() -> None:
     env["DLR_TEST_PG_ADMIN"] = NOTHING_LISTENS
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-k", "postgresql", "tests/test_status.py"],
+         "-k", "postgresql", "tests/store/test_status.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     tail = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0, tail

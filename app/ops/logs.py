@@ -205,7 +205,7 @@ class AccessLog:
     uvicorn logs each response through the logging module: a LogRecord, the filters, the
     formatter and the handler's lock per request cost the trivial route a tenth of its rate
     (measured: /healthz in-process 604k instructions a request with uvicorn's access log,
-    543k without it). The protocol (app/http_protocol.py) writes the same line, in the
+    543k without it). The protocol (app/ops/http_protocol.py) writes the same line, in the
     configured format and with the token masked, through this instead; where logging is set
     up otherwise (no BufferedStreamHandler of ours), uvicorn's own access log stays on.
     """

@@ -20,7 +20,7 @@ import sys
 # 0.41-0.44; PostgreSQL at 0.5 ms 0.45-0.49, at 0.1 ms 0.38-0.45, at 0.05 ms 0.41-0.50:
 # shorter is no better there, where each of the writer's round trips also waits on the
 # server (the last session measured the same: 0.57 at 0.5 ms, 0.52 at 0.1 ms).
-# With the writing in a child process (app/writer_process.py, the default) the event loop
+# With the writing in a child process (app/store/writer_process.py, the default) the event loop
 # drives the child itself and no thread of the server competes for the GIL while callbacks
 # come in; the interval still matters to DLR_WRITER_PROCESS=false, and to the forwarder's
 # and the read threads. (When a thread still stood between the loop and the child, it took

@@ -2,7 +2,7 @@
 else, with the same access rule. No build step, no assets from elsewhere.
 
 A browser cannot add an API key header, so with DLR_API_KEYS set the page offers a sign-in:
-the key is entered once and exchanged for a signed session cookie (app/security.py) that
+the key is entered once and exchanged for a signed session cookie (app/web/security.py) that
 opens reads only. Without keys, a browser that is not on this machine is told how to get in
 rather than handed a bare JSON 403.
 """

@@ -29,7 +29,7 @@ _EVENT_COLUMNS = [Event.__table__.c[name] for name in EventOut.model_fields]
 
 
 # Built once: constructing a statement costs more than running this indexed lookup. Keyed:
-# the lookups of one turn of the loop are read together (app/keyed_reads.py).
+# the lookups of one turn of the loop are read together (app/store/keyed_reads.py).
 _LOOKUP = KeyedRead(
     select(*_SUMMARY_COLUMNS, *(c.label(f"e_{c.name}") for c in _EVENT_COLUMNS))
     .select_from(Message.__table__.outerjoin(Event.__table__, Event.msg_key == Message.msg_key))
@@ -80,7 +80,7 @@ async def get_message(request: Request, msg_id: str) -> Response:
 
 # The hot read: a route like every /api route (access rule included, with the router's
 # prefix, dependencies and error answers), without FastAPI's per-request dependency solving
-# (app/routing.py). In a router of its own so that the app can put it at the head of its
+# (app/web/routing.py). In a router of its own so that the app can put it at the head of its
 # routes (app/main.py).
 lookup_router = APIRouter(prefix=router.prefix, tags=router.tags,
                           dependencies=router.dependencies, responses=router.responses)

@@ -249,7 +249,7 @@ _ANSWERS: dict[int | str, dict[str, Any]] = {
     503: {"description": "the database cannot commit; not stored, send again"},
 }
 # Hot routes: registered like any other (middleware, exception handlers, OpenAPI), without
-# FastAPI's per-request dependency solving (see app/routing.py).
+# FastAPI's per-request dependency solving (see app/web/routing.py).
 for _path, _suffix in (("/dlr", ""), ("/dlr/{token}", "_with_token")):
     for _method in ("GET", "POST"):
         router.add_api_route(_path, receive, methods=[_method],

@@ -228,7 +228,7 @@ class Database:
 
     async def read_keyed(self, read: KeyedRead, key: str) -> list[Any]:
         """The rows of one key, read on the loop in one query with every other key asked for
-        in the same turn (app/keyed_reads.py)."""
+        in the same turn (app/store/keyed_reads.py)."""
         return await self.keyed.rows(read, key)
 
     async def ping(self) -> None:

@@ -1,7 +1,7 @@
 """Tables. The schema itself is built only by the Alembic migrations under migrations/.
 
 Every column of `messages` says, in its `info`, how the write path merges a new value into
-a stored row (`Merge`); the SQL upsert is generated from that (app/ingest.py), so a new
+a stored row (`Merge`); the SQL upsert is generated from that (app/store/write.py), so a new
 column is one line here plus its migration.
 """
 
@@ -143,7 +143,7 @@ class Send(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-# --- Forwarding (outbound webhooks, app/forwarding/) ---------------------------------------
+# --- Forwarding (outbound webhooks, app/forward/) ---------------------------------------
 
 
 class Endpoint(Base):

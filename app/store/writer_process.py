@@ -1,6 +1,6 @@
 """The writer in a process of its own (`DLR_WRITER_PROCESS`, on by default).
 
-`RemoteWriter` is a `HandingWriter` (app/ingest.py): the Ingestor, on the event loop, hands
+`RemoteWriter` is a `HandingWriter` (app/store/writer.py): the Ingestor, on the event loop, hands
 it each batch, which it pickles to a child process that runs the real `Writer` on its own
 connection, and collects the outcomes when the pipe becomes readable. The batching, the
 order and every rule of the write path stay where they are; only the work of writing moves.

@@ -1,0 +1,228 @@
+"""Forwarding's endpoints and deliveries through the REST API, and the write path's fan-out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import Engine, func, select
+
+from app.config import Settings, SettingsError
+from app.forward import endpoints
+from app.store.models import Delivery, Endpoint, OutboundEvent
+from app.store.outbox import ForwardEvent, enqueue, has_endpoints
+
+from ..helpers import (
+    AppFactory,
+    add_endpoint,
+    client_for,
+    count,
+    emit,
+    make_settings,
+    status_event,
+)
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture
+def api(app: FastAPI):  # type: ignore[no-untyped-def]
+    return client_for(app)
+
+
+async def test_create_list_get_delete(api, engine: Engine) -> None:
+    async with api as c:
+        r = await c.post("/api/v1/endpoints", json={"url": "http://127.0.0.1:9/hook",
+                                                     "description": "CRM"})
+        assert r.status_code == 201, r.text
+        created = r.json()
+        assert created["id"].startswith("ep_")
+        assert created["events"] == ["message.status", "message.reply"]
+        assert created["secret"].startswith("whsec_") and len(created["secret"]) > 40
+        assert created["p_transaction_id_prefix"] is None
+        assert created["description"] == "CRM"
+
+        listed = (await c.get("/api/v1/endpoints")).json()["items"]
+        assert [e["id"] for e in listed] == [created["id"]]
+        assert listed[0]["secret"] != created["secret"]
+        assert created["secret"] not in (await c.get("/api/v1/endpoints")).text
+        assert listed[0]["stats"]["backlog"] == 0
+
+        one = (await c.get(f"/api/v1/endpoints/{created['id']}")).json()
+        assert one["url"] == "http://127.0.0.1:9/hook" and one["enabled"] is True
+
+        assert (await c.delete(f"/api/v1/endpoints/{created['id']}")).status_code == 204
+        assert (await c.get(f"/api/v1/endpoints/{created['id']}")).status_code == 404
+        assert (await c.delete(f"/api/v1/endpoints/{created['id']}")).status_code == 404
+    assert count(engine, Endpoint) == 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"url": "ftp://example.org/hook"}, "url"),
+    ({"url": "http://169.254.169.254/latest/meta-data/"}, "url"),
+    ({"url": "http://[fe80::1]:8080/hook"}, "url"),
+    ({"url": "http://[::ffff:169.254.169.254]/"}, "url"),
+    ({"url": "not a url"}, "url"),
+    ({"url": "http://127.0.0.1/hook", "events": []}, "events"),
+    ({"url": "http://127.0.0.1/hook", "events": ["message.deleted"]}, "events"),
+    ({"url": "http://127.0.0.1/hook", "p_transaction_id_prefix": "x" * 300},
+     "p_transaction_id_prefix"),
+    ({"url": "http://127.0.0.1/hook", "secret": "whsec_mine"}, "secret"),
+])
+async def test_bad_endpoints_are_refused_with_the_reason(api, engine: Engine, body: dict,
+                                                         field: str) -> None:
+    async with api as c:
+        r = await c.post("/api/v1/endpoints", json=body)
+    assert r.status_code == 422, r.text
+    assert any(field in err["loc"] for err in r.json()["detail"])
+    assert count(engine, Endpoint) == 0
+
+
+async def test_private_and_loopback_targets_are_allowed(api) -> None:
+    async with api as c:
+        for url in ("http://10.1.2.3/hook", "https://192.168.0.10:8443/x", "http://localhost:1/",
+                    "http://[::1]:9/"):
+            assert (await c.post("/api/v1/endpoints", json={"url": url})).status_code == 201
+
+
+async def test_rotate_secret_shows_the_new_one_once(api, engine: Engine) -> None:
+    async with api as c:
+        created = (await c.post("/api/v1/endpoints",
+                                json={"url": "http://127.0.0.1:9/"})).json()
+        r = await c.post(f"/api/v1/endpoints/{created['id']}/rotate-secret")
+        assert r.status_code == 200
+        rotated = r.json()["secret"]
+        assert rotated.startswith("whsec_") and rotated != created["secret"]
+        assert (await c.post("/api/v1/endpoints/ep_nope/rotate-secret")).status_code == 404
+    with engine.connect() as conn:
+        row = endpoints.get(conn, created["id"])
+        now = datetime.now(UTC)
+        # Both sign for 24 hours, then only the new one.
+        assert len(endpoints.signing_keys(row, now)) == 2
+        assert len(endpoints.signing_keys(row, now + timedelta(hours=25))) == 1
+
+
+async def test_endpoint_from_settings_is_kept_in_step(settings: Settings, engine: Engine,
+                                                     app_with: AppFactory) -> None:
+    from app.forward.dispatcher import Forwarder
+
+    async with client_for(await app_with(forward_url="http://127.0.0.1:9/from-env",
+                                         forward_secret=SECRET)) as c:
+        listed = (await c.get("/api/v1/endpoints")).json()["items"]
+        assert [(e["url"], e["from_settings"]) for e in listed] == [
+            ("http://127.0.0.1:9/from-env", True)]
+        ep = listed[0]["id"]
+        assert (await c.delete(f"/api/v1/endpoints/{ep}")).status_code == 409
+        assert (await c.post(f"/api/v1/endpoints/{ep}/rotate-secret")).status_code == 409
+    with engine.connect() as conn:
+        assert endpoints.get(conn, ep).secret == SECRET
+    # Unset in the settings: gone at the next start.
+    forwarder = Forwarder(engine, make_settings(database_url=settings.database_url))
+    await forwarder.start()
+    await forwarder.close()
+    assert count(engine, Endpoint) == 0
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"forward_url": "http://127.0.0.1/hook"}, "DLR_FORWARD_SECRET"),
+    ({"forward_url": "http://169.254.169.254/", "forward_secret": SECRET}, "link-local"),
+    ({"forward_secret": "not-a-secret"}, "whsec_"),
+    ({"forward_secret": "whsec_c2hvcnQ="}, "24"),
+    ({"forward_retry_schedule": "5,soon"}, "DLR_FORWARD_RETRY_SCHEDULE"),
+    ({"forward_retry_schedule": ""}, "DLR_FORWARD_RETRY_SCHEDULE"),
+    ({"forward_timeout": "0"}, "DLR_FORWARD_TIMEOUT"),
+    ({"forward_concurrency": "0"}, "DLR_FORWARD_CONCURRENCY"),
+])
+def test_bad_forward_settings_stop_start_up_with_one_line(values: dict, words: str) -> None:
+    with pytest.raises(SettingsError) as exc:
+        make_settings(**values)
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_forward_settings_defaults_and_parsing() -> None:
+    s = make_settings()
+    assert s.forward_retry_schedule == [5, 300, 1800, 7200, 18000, 36000, 36000]
+    assert (s.forward_timeout, s.forward_concurrency, s.forward_url) == (10, 8, None)
+    assert make_settings(forward_retry_schedule="1, 2.5").forward_retry_schedule == [1, 2.5]
+
+
+def test_no_endpoint_means_nothing_is_written(engine: Engine) -> None:
+    with engine.begin() as conn:
+        assert not has_endpoints(conn)
+        assert enqueue(conn, [status_event("m-1", "delivered")]) == 0
+    assert count(engine, OutboundEvent) == 0 and count(engine, Delivery) == 0
+
+
+def test_fan_out_follows_event_types_prefixes_and_enabled(engine: Engine) -> None:
+    every = add_endpoint(engine, "http://127.0.0.1:9/all")
+    replies = add_endpoint(engine, "http://127.0.0.1:9/replies", events=["message.reply"])
+    campaign = add_endpoint(engine, "http://127.0.0.1:9/camp", prefix="camp-")
+    off = add_endpoint(engine, "http://127.0.0.1:9/off")
+    with engine.begin() as conn:
+        conn.execute(Endpoint.__table__.update().where(Endpoint.id == off.id)
+                     .values(enabled=False))
+    reply = ForwardEvent(type="message.reply", msg_key="m-2", p_transaction_id="other-9",
+                         sequence=2, data={"msg_id": "m-2", "reply": {"text": "hi"}},
+                         occurred_at=datetime.now(UTC))
+    created = emit(engine, [status_event("m-1", "delivered", ptid="camp-7"),
+                            status_event("m-3", "seen", ptid=None), reply])
+    with engine.connect() as conn:
+        rows = conn.execute(select(OutboundEvent.msg_key, Delivery.endpoint_id)
+                            .join(Delivery, Delivery.event_id == OutboundEvent.id)).all()
+    assert sorted(rows) == sorted([
+        ("m-1", every.id), ("m-1", campaign.id),
+        ("m-3", every.id),
+        ("m-2", every.id), ("m-2", replies.id),
+    ])
+    assert created == 5
+
+
+def test_fan_out_of_a_large_batch(engine: Engine) -> None:
+    add_endpoint(engine, "http://127.0.0.1:9/all")
+    assert emit(engine, [status_event(f"m-{i}", "delivered") for i in range(1200)]) == 1200
+    with engine.connect() as conn:
+        ids = conn.execute(select(func.count(func.distinct(OutboundEvent.webhook_id)))).scalar()
+    assert ids == 1200
+
+
+async def test_replay_and_listing(api, engine: Engine) -> None:
+    ep = add_endpoint(engine, "http://127.0.0.1:9/")
+    old = datetime.now(UTC) - timedelta(hours=2)
+    emit(engine, [status_event("m-old", "delivered", at=old)])
+    emit(engine, [status_event("m-new", "delivered")])
+    with engine.begin() as conn:  # as if both had been delivered
+        conn.execute(Delivery.__table__.update().values(status="delivered"))
+    async with api as c:
+        r = await c.post(f"/api/v1/endpoints/{ep.id}/replay",
+                         json={"since": (old - timedelta(minutes=1)).isoformat(),
+                               "until": (old + timedelta(minutes=1)).isoformat()})
+        assert r.status_code == 202, r.text
+        assert r.json()["queued"] == 1
+        # A second replay of the same window does not queue it twice while pending.
+        r = await c.post(f"/api/v1/endpoints/{ep.id}/replay",
+                         json={"since": (old - timedelta(minutes=1)).isoformat()})
+        assert r.json()["queued"] == 1  # only m-new, m-old is pending already
+        bad = await c.post(f"/api/v1/endpoints/{ep.id}/replay",
+                           json={"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"})
+        assert bad.status_code == 422
+
+        page = (await c.get("/api/v1/deliveries", params={"status": "pending"})).json()
+        assert sorted(d["msg_id"] for d in page["items"]) == ["m-new", "m-old"]
+        by_msg = (await c.get("/api/v1/deliveries", params={"msg_id": "m-old"})).json()["items"]
+        assert len(by_msg) == 2
+        assert len({d["webhook_id"] for d in by_msg}) == 1  # the replay keeps the webhook-id
+        first = (await c.get("/api/v1/deliveries", params={"limit": 1})).json()
+        assert len(first["items"]) == 1 and first["next_cursor"]
+        rest = (await c.get("/api/v1/deliveries",
+                            params={"limit": 10, "cursor": first["next_cursor"]})).json()
+        assert len(rest["items"]) == 3 and rest["next_cursor"] is None
+        assert (await c.get("/api/v1/deliveries", params={"status": "lost"})).status_code == 422
+        assert (await c.get("/api/v1/deliveries", params={"cursor": "x"})).status_code == 422
+        assert (await c.post("/api/v1/deliveries/999999/retry")).status_code == 404
+
+
+async def test_api_needs_access(app: FastAPI) -> None:
+    async with client_for(app, peer="203.0.113.9") as c:
+        assert (await c.get("/api/v1/endpoints")).status_code == 403
+        assert (await c.post("/api/v1/endpoints", json={"url": "http://x/"})).status_code == 403

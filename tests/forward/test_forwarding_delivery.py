@@ -1,0 +1,275 @@
+"""The Forwarder against a real HTTP receiver: signatures checked with the `standardwebhooks`
+library, retries, 410, replay, manual retry, per-endpoint isolation, refused targets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from app.config import Settings
+from app.forward import deliveries, endpoints
+from app.forward.dispatcher import Forwarder
+from app.store.models import Delivery, DeliveryAttempt, Endpoint
+
+from ..helpers import (
+    Sink,
+    add_endpoint,
+    emit,
+    make_settings,
+    running_sink,
+    status_event,
+    verified,
+)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll `check` (run in a thread: it may read the database) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(check)
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+def rows(engine: Engine, table: Any, *where: Any) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(table).where(*where)))
+
+
+@pytest.fixture
+async def forwarder(settings: Settings, engine: Engine
+                    ) -> AsyncIterator[Callable[..., Any]]:
+    """Start Forwarders with extra settings (tiny retry schedule by default)."""
+    started: list[Forwarder] = []
+
+    async def start(**values: Any) -> Forwarder:
+        values.setdefault("forward_retry_schedule", "0.2,0.2,0.2")
+        values.setdefault("forward_timeout", "2")
+        f = Forwarder(engine, make_settings(database_url=settings.database_url, **values))
+        await f.start()
+        started.append(f)
+        return f
+
+    yield start
+    for f in started:
+        await f.close()
+
+
+@pytest.fixture
+def sink() -> Any:
+    with running_sink() as s:
+        yield s
+
+
+async def test_events_arrive_signed_per_standard_webhooks(engine: Engine, sink: Sink,
+                                                          forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    f = await forwarder()
+    emit(engine, [status_event("MSG-1", "delivered", sequence=1),
+                  status_event("MSG-2", "seen", sequence=3, previous="delivered")])
+    f.wake()
+    got = await asyncio.to_thread(sink.wait_for, 2)
+    assert len(got) == 2
+    payloads = {p["data"]["msg_id"]: p for p in (verified(r, ep.secret) for r in got)}
+    seen = payloads["MSG-2"]
+    assert seen["type"] == "message.status" and seen["timestamp"].endswith("Z")
+    assert seen["data"]["status"] == "seen" and seen["data"]["previous_status"] == "delivered"
+    assert seen["data"]["sequence"] == 3
+    for r in got:
+        assert r.headers["content-type"] == "application/json"
+        assert r.webhook_id.startswith("msg_")
+        assert abs(int(r.headers["webhook-timestamp"]) - time.time()) < 60
+        assert r.headers["webhook-signature"].startswith("v1,")
+    assert await eventually(lambda: len(rows(engine, Delivery, Delivery.status == "delivered"))
+                            == 2)
+
+
+async def test_after_rotation_old_and_new_secret_both_verify(engine: Engine, sink: Sink,
+                                                             forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    with engine.begin() as conn:
+        rotated = endpoints.rotate(conn, ep.id)
+    f = await forwarder()
+    emit(engine, [status_event("m-1", "delivered")])
+    f.wake()
+    (request,) = await asyncio.to_thread(sink.wait_for, 1)
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    assert verified(request, ep.secret)["data"]["msg_id"] == "m-1"
+    assert verified(request, rotated.secret)["data"]["msg_id"] == "m-1"
+
+
+async def test_failures_are_retried_with_the_same_webhook_id(engine: Engine, sink: Sink,
+                                                             forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 503 if n < 2 else 200
+    f = await forwarder()
+    emit(engine, [status_event("m-1", "delivered")])
+    f.wake()
+    got = await asyncio.to_thread(sink.wait_for, 3)
+    assert len(got) == 3 and len({r.webhook_id for r in got}) == 1
+    for r in got:
+        verified(r, ep.secret)
+    # Backoff: each retry waited (0.2 s +-20% here).
+    assert got[1].started - got[0].started >= 0.15
+    item = await eventually(lambda: _delivered(engine))
+    assert [a.status_code for a in item.attempts] == [503, 503, 200]
+    assert item.delivery.attempts == 3 and item.delivery.finished_at is not None
+    assert all(a.latency_ms >= 0 for a in item.attempts)
+
+
+def _delivered(engine: Engine) -> deliveries.Listed | None:
+    with engine.connect() as conn:
+        items, _ = deliveries.page(conn, status="delivered")
+    return items[0] if items else None
+
+
+@pytest.mark.slow
+async def test_after_the_last_retry_the_delivery_fails_and_manual_retry_sends_again(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 500
+    f = await forwarder(forward_retry_schedule="0.1,0.1")
+    emit(engine, [status_event("m-1", "delivered")])
+    f.wake()
+    failed = await eventually(lambda: rows(engine, Delivery, Delivery.status == "failed"))
+    assert failed and failed[0].attempts == 3  # the first try and two retries
+    assert len(sink.requests()) == 3
+    attempts = rows(engine, DeliveryAttempt)
+    assert [a.status_code for a in attempts] == [500, 500, 500]
+    assert attempts[0].response == "ok"  # the answer's body is kept
+
+    sink.answer = lambda n, h, b: 200
+    with engine.begin() as conn:
+        deliveries.retry(conn, failed[0].id)
+    f.wake()
+    assert await eventually(lambda: rows(engine, Delivery, Delivery.status == "delivered"))
+    assert len({r.webhook_id for r in sink.requests()}) == 1
+
+
+async def test_gone_disables_the_endpoint(engine: Engine, sink: Sink, forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 410
+    f = await forwarder(forward_concurrency="1")
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(5)])
+    f.wake()
+    assert await eventually(lambda: not rows(engine, Endpoint, Endpoint.id == ep.id)[0].enabled)
+    assert await eventually(
+        lambda: not rows(engine, Delivery, Delivery.status == "pending"))
+    (row,) = rows(engine, Endpoint)
+    assert "410" in row.disabled_reason
+    sent = len(sink.requests())
+    assert sent < 5  # the rest were not tried once the endpoint said it is gone
+    emit(engine, [status_event("m-late", "delivered")])
+    assert len(rows(engine, Delivery)) == 5  # nothing new is queued for a disabled endpoint
+
+
+async def test_replay_resends_with_the_original_webhook_id(engine: Engine, sink: Sink,
+                                                           forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    f = await forwarder()
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    emit(engine, [status_event("m-1", "delivered"), status_event("m-2", "seen")])
+    f.wake()
+    first = await asyncio.to_thread(sink.wait_for, 2)
+    await eventually(lambda: len(rows(engine, Delivery, Delivery.status == "delivered")) == 2)
+    with engine.begin() as conn:
+        assert endpoints.replay(conn, ep.id, since=started,
+                                until=datetime.now(UTC) + timedelta(seconds=1)) == 2
+    f.wake()
+    got = await asyncio.to_thread(sink.wait_for, 4)
+    assert len(got) == 4
+    assert sorted(r.webhook_id for r in got[2:]) == sorted(r.webhook_id for r in first)
+    assert sorted(r.body for r in got[2:]) == sorted(r.body for r in first)
+    for r in got:
+        verified(r, ep.secret)
+
+
+async def test_a_hanging_endpoint_does_not_stall_another(engine: Engine, forwarder: Any) -> None:
+    with running_sink() as slow, running_sink() as fast:
+        slow.hang = True
+        add_endpoint(engine, slow.url)
+        quick = add_endpoint(engine, fast.url)
+        f = await forwarder(forward_timeout="30", forward_concurrency="2")
+        emit(engine, [status_event(f"m-{i}", "delivered") for i in range(40)])
+        f.wake()
+        got = await asyncio.to_thread(fast.wait_for, 40, 15.0)
+        assert len(got) == 40  # while the slow one holds its two slots
+        assert slow.requests() == []  # none of the slow endpoint's requests has finished
+        assert await eventually(lambda: len(rows(
+            engine, Delivery, Delivery.endpoint_id == quick.id,
+            Delivery.status == "delivered")) == 40)
+        slow.release()
+
+
+@pytest.mark.slow
+async def test_link_local_target_is_refused_at_connect_time(engine: Engine,
+                                                            forwarder: Any) -> None:
+    # As if the URL had been allowed when created and the name now pointed at the metadata
+    # service: the dispatcher checks the resolved address, not the URL it was given.
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://[fe80::1]:9/x"):
+        with engine.begin() as conn:
+            conn.execute(Endpoint.__table__.delete())
+            endpoints.create(conn, url=url)
+        f = await forwarder(forward_retry_schedule="60")
+        emit(engine, [status_event("m-1", "delivered")])
+        f.wake()
+        attempts = await eventually(lambda: rows(engine, DeliveryAttempt))
+        assert attempts and attempts[0].status_code is None
+        assert "link-local" in attempts[0].response
+        await f.close()
+
+
+async def test_endpoint_created_after_start_is_served(engine: Engine, sink: Sink,
+                                                      forwarder: Any) -> None:
+    f = await forwarder()
+    ep = add_endpoint(engine, sink.url)
+    emit(engine, [status_event("m-1", "delivered")])
+    f.wake()
+    (request,) = await asyncio.to_thread(sink.wait_for, 1)
+    assert json.loads(request.body)["data"]["msg_id"] == "m-1"
+    verified(request, ep.secret)
+
+
+@pytest.mark.slow
+async def test_a_failing_endpoint_is_tried_less_and_its_backlog_flows_once_it_recovers(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 500 if n < 5 else 200
+    # Retries an hour apart: only the circuit's recovery can bring them back within the test.
+    f = await forwarder(forward_concurrency="1", forward_retry_schedule="3600")
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(10)])
+    f.wake()
+    answered = await asyncio.to_thread(sink.wait_for, 15, 20.0)
+    # Five failures open the circuit: the other five events were not tried while it was
+    # open; one probe succeeded, and then all ten went through, the five failed ones early.
+    assert len(answered) == 15
+    assert len({r.webhook_id for r in answered[5:]}) == 10
+    assert await eventually(lambda: len(rows(engine, Delivery, Delivery.status == "delivered"))
+                            == 10)
+
+
+@pytest.mark.slow
+async def test_a_gone_endpoint_enabled_again_gets_its_events_by_replay(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 410 if n == 0 else 200
+    f = await forwarder(forward_concurrency="1")
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(3)])
+    f.wake()
+    assert await eventually(lambda: not rows(engine, Endpoint)[0].enabled)
+    with engine.begin() as conn:
+        endpoints.enable(conn, ep.id)
+        assert endpoints.replay(conn, ep.id, since=started,
+                                until=datetime.now(UTC) + timedelta(seconds=1)) == 3
+    f.wake()
+    got = await asyncio.to_thread(sink.wait_for, 4)
+    assert len({r.webhook_id for r in got[1:]}) == 3

@@ -1,0 +1,328 @@
+"""The dashboard: end to end in a real headless Chromium (simulator DLRs in, numbers on
+screen), its sign-in with an API key, and what a browser without access is told."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from itsdangerous import TimestampSigner
+from playwright.sync_api import Browser, Page, expect
+from sqlalchemy import Engine
+
+from app.config import Settings
+from app.core.notifications import STATUS_EXTENDED_MEANING
+from app.main import create_app
+from app.simulator.provider import EmitterSettings, ProviderSimulator
+from app.web.security import SESSION_COOKIE, new_session
+
+from ..helpers import AppFactory, client_for, free_port, make_settings, serving_in_thread
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+USER, SECRET = "partner", "s3cret-key"
+KEY = "dash-key-7f3a9c1e5b"
+REMOTE = "203.0.113.7"  # a browser that is not on the server's machine
+HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+
+
+@dataclass
+class Stack:
+    """The receiver on a real port, fed by the provider simulator's DLRs."""
+
+    sim: ProviderSimulator
+    api: httpx.Client
+
+    def wait_for_dlrs(self) -> None:
+        deadline = time.monotonic() + 30
+        while self.sim.emitter.busy or self.sim.emitter.counters.attempts == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"DLRs still pending: {self.sim.emitter.counters}")
+            time.sleep(0.05)
+
+
+@contextmanager
+def receiver_with_simulator(settings: Settings, api_keys: str | None = None,
+                            **emitter: Any) -> Iterator[Stack]:
+    sim = ProviderSimulator(user=USER, secret_key=SECRET)
+    port = free_port()
+    sim.emitter.settings = EmitterSettings(
+        callback_url=f"http://127.0.0.1:{port}/dlr", rate=0, seed=7, time_scale=0.0001,
+        **emitter)
+    with serving_in_thread(sim.app()) as sim_url:
+        app_settings = make_settings(
+            database_url=settings.database_url, bulk_url=f"{sim_url}/",
+            media_url=f"{sim_url}/upload/", bulk_user=USER, bulk_secret_key=SECRET,
+            bulk_from="Shop", send_backoff=0.01, send_timeout=2, api_keys=api_keys)
+        headers = {"X-API-Key": api_keys.split(",")[0]} if api_keys else {}
+        with serving_in_thread(create_app(app_settings), port=port) as url, \
+                httpx.Client(base_url=url, timeout=10, headers=headers) as api:
+            yield Stack(sim, api)
+
+
+def send_campaign(stack: Stack) -> None:
+    phones = [f"7903{i:07d}" for i in range(30)]
+    r = stack.api.post("/api/v1/messages", json={"phone": phones, "txt": "Весенняя акция",
+                                                 "p_transaction_id": "spring"})
+    assert r.status_code == 200, r.text
+    stack.wait_for_dlrs()
+
+
+@pytest.fixture
+def campaign(settings: Settings, engine: Engine) -> Iterator[Stack]:
+    with receiver_with_simulator(settings, undelivered_rate=0.4, seen_rate=0.6,
+                                 reply_rate=0.5, duplicate_rate=0.2) as stack:
+        send_campaign(stack)
+        yield stack
+
+
+def bar_number(page: Page, card: str, key: str) -> int:
+    text = page.locator(f"#{card} .bar[data-key='{key}'] .num b").inner_text()
+    return int(text.replace(",", ""))
+
+
+def lines_of(page: Page, selector: str) -> list[int]:
+    """How many lines each matching cell's text takes on screen."""
+    return page.evaluate("""(sel) => [...document.querySelectorAll(sel)].map((el) => {
+        const r = document.createRange(); r.selectNodeContents(el);
+        return new Set([...r.getClientRects()].map((b) => Math.round(b.top))).size; })""",
+                         selector)
+
+
+@pytest.mark.slow
+def test_dashboard_shows_the_campaign(browser: Browser, campaign: Stack) -> None:
+    stats = campaign.api.get("/api/v1/stats", params={"p_transaction_id": "spring"}).json()
+    assert stats["rejected"] == 0
+    # A narrow window: two columns of cards, where long cells would wrap.
+    page = browser.new_page(viewport={"width": 960, "height": 1000})
+    try:
+        page.goto(f"{campaign.api.base_url}/dashboard")
+        page.fill("#campaign", "spring")
+        page.click("#apply")
+        expect(page.locator("#funnel-total")).to_have_text(f"{stats['funnel']['sent']} messages")
+        for key in ("sent", "delivered", "seen", "replied"):
+            assert bar_number(page, "funnel", key) == stats["funnel"][key], key
+        assert stats["funnel"]["sent"] == 30 and stats["by_status_extended"]
+        for code, n in stats["by_status_extended"].items():
+            assert bar_number(page, "failures", code) == n
+            # The provider document's meaning of each code is shown beside it.
+            row = page.locator("#failures table tr", has_text=code)
+            expect(row).to_contain_text(STATUS_EXTENDED_MEANING[code])
+
+        # The activity chart has a time axis: round local times under the bars.
+        ticks = page.locator("#activity text.tick")
+        expect(ticks.first).to_be_attached()
+        labels = ticks.all_text_contents()
+        assert len(labels) >= 3 and all(re.fullmatch(r"\d\d:\d\d", t) for t in labels), labels
+        expect(page.locator("#activity rect").first).to_be_attached()
+
+        # No callback was rejected: the table says so instead of showing a bare header.
+        expect(page.locator("#rejected tr.none")).to_contain_text("None")
+
+        # A reply arriving now shows up without reloading, emoji included.
+        msg_id = next(iter(campaign.api.get("/api/v1/messages", params={
+            "p_transaction_id": "spring", "limit": 1}).json()["items"]))["msg_id"]
+        text = f"Новый ответ 👍🎉 {uuid.uuid4().hex[:6]}"
+        assert campaign.api.post("/dlr", data={"type": "reply", "msg_id": msg_id,
+                                               "text": text}).status_code == 200
+        reply = page.locator("#replies td.reply-text", has_text=text)
+        expect(reply).to_be_visible(timeout=10_000)
+        # Emoji have a colour emoji font to fall back on (no boxes where one is installed).
+        assert "Emoji" in reply.evaluate("(el) => getComputedStyle(el).fontFamily")
+        # Times stay on one line.
+        assert lines_of(page, "#replies td.when") and set(lines_of(page, "#replies td.when")) == {1}
+
+        # Find the message and see its timeline.
+        page.fill("#find", msg_id)
+        page.click("#find-form button")
+        expect(page.locator("#timeline-msg")).to_contain_text(msg_id)
+        expect(page.locator("#timeline-msg")).to_contain_text(text)
+        assert set(lines_of(page, "#timeline-msg td.when")) == {1}
+        expect(page.locator("#db-status")).to_have_text("reachable")
+        expect(page.locator("#sign-out")).to_be_hidden()  # nobody signed in: loopback
+        ARTIFACTS.mkdir(exist_ok=True)
+        time.sleep(0.3)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    finally:
+        page.close()
+
+
+@pytest.mark.slow
+def test_sign_in_with_a_key_then_read_only(browser: Browser, settings: Settings,
+                                           engine: Engine) -> None:
+    with receiver_with_simulator(settings, api_keys=f"other-key,{KEY}", undelivered_rate=0.2,
+                                 seen_rate=0.5, reply_rate=0.3) as stack:
+        send_campaign(stack)
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        url = str(stack.api.base_url)
+        try:
+            answer = page.goto(f"{url}/dashboard")
+            assert answer is not None and answer.status == 401
+            page.fill("input[name=key]", "not-the-key")
+            page.click("button[type=submit]")
+            expect(page.locator(".error")).to_contain_text("not one of this server's API keys")
+            assert context.cookies() == []
+
+            page.fill("input[name=key]", KEY)
+            page.click("button[type=submit]")
+            expect(page.locator("#funnel-total")).to_have_text("30 messages")
+            expect(page.locator("#sign-out")).to_be_visible()
+            [cookie] = context.cookies()
+            assert cookie["name"] == SESSION_COOKIE and cookie["httpOnly"]
+            assert cookie["sameSite"] == "Strict" and KEY not in cookie["value"]
+            assert 11 * 3600 < cookie["expires"] - time.time() <= 12 * 3600
+            assert page.evaluate("document.cookie") == ""  # the page's script cannot read it
+
+            # The session reads, and sends nothing.
+            status = page.evaluate("""async () => [
+                (await fetch('/api/v1/stats')).status,
+                (await fetch('/api/v1/messages', {method: 'POST',
+                    headers: {'Content-Type': 'application/json'},
+                    body: JSON.stringify({phone: ['79031234567'], txt: 'hi'})})).status]""")
+            assert status == [200, 401]
+
+            page.click("#sign-out button")
+            expect(page.locator("input[name=key]")).to_be_visible()
+            assert context.cookies() == []
+            assert page.evaluate("async () => (await fetch('/api/v1/stats')).status") == 401
+        finally:
+            context.close()
+
+
+def test_dashboard_is_authorised_like_the_api(settings: Settings, engine: Engine) -> None:
+    app = create_app(make_settings(database_url=settings.database_url, api_keys=KEY))
+    with serving_in_thread(app) as url:
+        r = httpx.get(f"{url}/dashboard")
+        assert r.status_code == 401 and r.json()["detail"]  # JSON for clients that are not browsers
+        r = httpx.get(f"{url}/dashboard", headers={"X-API-Key": KEY})
+        assert r.status_code == 200 and "Funnel" in r.text
+        assert "VIBER_USER_NOT_FOUND" in r.text  # the meanings are in the page
+
+
+async def sign_in(client: httpx.AsyncClient, key: str, **headers: str) -> httpx.Response:
+    return await client.post("/dashboard/sign-in", data={"key": key},
+                             headers=HTML | headers)
+
+
+def set_cookie(response: httpx.Response) -> str:
+    [header] = response.headers.get_list("set-cookie")
+    return header
+
+
+async def test_a_session_opens_reads_of_the_api_and_the_dashboard_only(
+        app_with: AppFactory) -> None:
+    app = await app_with(api_keys=f"{KEY},second-key", restrict_metrics=True,
+                         restrict_docs=True)
+    async with client_for(app, peer=REMOTE) as client:
+        r = await sign_in(client, KEY)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard"
+        header = set_cookie(r)
+        attrs = {a.strip().split("=")[0].lower() for a in header.split(";")}
+        assert {"httponly", "path", "max-age"} <= attrs and "samesite=strict" in header.lower()
+        assert "secure" not in attrs  # plain HTTP: a Secure cookie would never come back
+        morsel = SimpleCookie(header)[SESSION_COOKIE]
+        assert morsel["max-age"] == "43200" and morsel["path"] == "/"
+        assert KEY not in morsel.value
+
+        assert (await client.get("/api/v1/stats")).status_code == 200
+        assert (await client.get("/api/v1/messages/nope")).status_code == 404
+        # A day ago: the timeline's window is at most 2 days before now.
+        since = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+        assert (await client.get("/api/v1/timeline", params={"since": since})
+                ).status_code == 200
+        page = await client.get("/dashboard", headers=HTML)
+        assert page.status_code == 200 and "Funnel" in page.text
+        assert "const SIGNED_IN = true;" in page.text
+        # Sends, and everything outside /api and the dashboard, still need the key.
+        send = await client.post("/api/v1/messages", json={"phone": ["79031234567"],
+                                                           "txt": "hi"})
+        assert send.status_code == 401
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/openapi.json")).status_code == 401
+        # A presented key that is wrong is refused, session or not.
+        assert (await client.get("/api/v1/stats", headers={"X-API-Key": "wrong"})
+                ).status_code == 401
+
+        out = await client.post("/dashboard/sign-out", headers=HTML)
+        assert out.status_code == 303 and 'max-age=0' in set_cookie(out).lower()
+        assert (await client.get("/api/v1/stats")).status_code == 401
+
+
+async def test_sessions_end(app_with: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = await app_with(api_keys=KEY)
+    stats = "/api/v1/stats"
+
+    async def status_with(cookie: str, on: Any = app) -> int:
+        async with client_for(on, peer=REMOTE) as client:
+            client.cookies.set(SESSION_COOKIE, cookie)
+            return (await client.get(stats)).status_code
+
+    fresh = new_session(KEY)
+    assert await status_with(fresh) == 200
+    # Tampered with, or signed with something that is not one of the keys.
+    assert await status_with(fresh[:-2] + ("AA" if not fresh.endswith("AA") else "BB")) == 401
+    assert await status_with(new_session("guessed-key")) == 401
+    assert await status_with("") == 401
+    # The key was removed from DLR_API_KEYS: its sessions end with it.
+    assert await status_with(fresh, await app_with(api_keys="a-new-key")) == 401
+    # Older than 12 hours.
+    now = int(time.time())
+    monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: now - 12 * 3600 - 5)
+    stale = new_session(KEY)
+    monkeypatch.undo()
+    assert await status_with(stale) == 401
+
+
+async def test_sign_in_refuses_wrong_keys_and_odd_requests(app_with: AppFactory) -> None:
+    app = await app_with(api_keys=KEY, trusted_proxies="10.0.0.0/8")
+    async with client_for(app, peer=REMOTE) as client:
+        wrong = await sign_in(client, KEY + "x")
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+        assert "That is not one of this server" in wrong.text and 'name="key"' in wrong.text
+        assert (await sign_in(client, "")).status_code == 401
+        foreign = await sign_in(client, KEY, **{"Sec-Fetch-Site": "cross-site"})
+        assert foreign.status_code == 403 and "set-cookie" not in foreign.headers
+        huge = await client.post("/dashboard/sign-in", content=b"key=" + b"k" * 10_000,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert huge.status_code == 400 and "set-cookie" not in huge.headers
+        assert "Secure" not in set_cookie(await sign_in(client, KEY))
+    # Behind a trusted TLS proxy, the cookie is sent over HTTPS only.
+    async with client_for(app, peer="10.1.2.3") as proxied:
+        r = await sign_in(proxied, KEY, **{"X-Forwarded-Proto": "https",
+                                           "X-Forwarded-For": REMOTE})
+        assert r.status_code == 303 and "Secure" in set_cookie(r)
+
+
+async def test_without_keys_a_remote_browser_is_told_how_to_get_in(
+        app_with: AppFactory) -> None:
+    app = await app_with()
+    async with client_for(app, peer=REMOTE) as client:
+        page = await client.get("/dashboard", headers=HTML)
+        assert page.status_code == 403 and page.headers["content-type"].startswith("text/html")
+        assert "DLR_API_KEYS" in page.text and "ssh -L" in page.text
+        api_client = await client.get("/dashboard")
+        assert api_client.status_code == 403 and "loopback" in api_client.json()["detail"]
+        # There is nothing to sign in to: the form sends the browser back to the explanation.
+        r = await sign_in(client, "anything")
+        assert r.status_code == 303 and "set-cookie" not in r.headers
+    async with client_for(app) as local:
+        assert (await local.get("/dashboard", headers=HTML)).status_code == 200
+
+
+async def test_with_keys_a_browser_gets_the_sign_in_form(app_with: AppFactory) -> None:
+    app = await app_with(api_keys=KEY)
+    async with client_for(app) as client:  # loopback too: keys rule when set
+        page = await client.get("/dashboard", headers=HTML)
+        assert page.status_code == 401
+        assert '<form method="post" action="/dashboard/sign-in">' in page.text
+        assert "Funnel" not in page.text
