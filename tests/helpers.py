@@ -44,7 +44,7 @@ from standardwebhooks.webhooks import Webhook
 from app.config import Settings, load_settings
 from app.forward import endpoints
 from app.store.models import Event, Rejected
-from app.store.outbox import ForwardEvent, enqueue
+from app.store.outbox import ForwardEvent, write_events
 from app.store.write import SendRecord, store
 
 # --- callbacks and rows ------------------------------------------------------------------------
@@ -540,7 +540,7 @@ def status_event(msg_id: str, status: str, *, sequence: int = 1, ptid: str | Non
 def emit(engine: Engine, events: list[ForwardEvent]) -> int:
     """Commit events the way the write path does (inside its own transaction)."""
     with engine.begin() as conn:
-        return enqueue(conn, events)
+        return write_events(conn, events)
 
 
 def add_endpoint(engine: Engine, url: str, **values: Any) -> Row[Any]:

@@ -3,13 +3,12 @@ the database (a running server picks changes up within a second)."""
 
 from __future__ import annotations
 
-import socket
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
 
 import typer
 from rich.markup import escape
@@ -17,7 +16,7 @@ from rich.table import Column, Table
 from sqlalchemy import Connection
 
 from app.cli.common import CliError, one_line_errors, out, settings
-from app.core.targets import blocked_address, check_url
+from app.core.targets import RefusedAddress, check_url, refuse_if_blocked
 from app.core.webhook_signing import mask
 from app.forward import deliveries, endpoints
 
@@ -71,19 +70,12 @@ def _time(value: str, name: str) -> datetime:
 
 
 def _checked_url(url: str) -> str:
+    """The URL as check_url takes it, refused when its host resolves to a metadata address."""
     try:
         url = check_url(url)
-    except ValueError as exc:
+        asyncio.run(refuse_if_blocked(url))
+    except (ValueError, RefusedAddress) as exc:
         raise CliError(str(exc)) from None
-    host = urlsplit(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return url  # not resolvable yet: every connection is checked again anyway
-    for info in infos:
-        if blocked_address(str(info[4][0])):
-            raise CliError(f"{host} resolves to the link-local address {info[4][0]}, "
-                           "which is refused")
     return url
 
 

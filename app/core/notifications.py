@@ -33,11 +33,6 @@ RANK = {
 FINAL_RANK = 2
 
 
-def supersedes(new_rank: int, old_rank: int) -> bool:
-    """Whether a status of new_rank replaces one of old_rank (the later-received one is new)."""
-    return new_rank > old_rank or (new_rank == old_rank == FINAL_RANK)
-
-
 TYPES = ("delivery", "seen", "reply")
 
 # Section 2.1.1 of the provider document.
@@ -87,9 +82,6 @@ NUMERIC_STATUS_EXTENDED_MEANING = {
     for code, meaning in NUMERIC_STATUS_MEANING.items()
     for prefix in ("STATUS", "SMS")
 }
-# The names this module had before the neutral naming.
-SMS_STATUS = NUMERIC_STATUS
-SMS_STATUS_EXTENDED_MEANING = NUMERIC_STATUS_EXTENDED_MEANING
 KNOWN_STATUS_EXTENDED = frozenset(STATUS_EXTENDED_MEANING) | frozenset(
     NUMERIC_STATUS_EXTENDED_MEANING)
 
@@ -207,8 +199,8 @@ def _field(fields: dict[str, str], name: str) -> str | None:
 
 
 def _status(raw: str) -> tuple[Status, str | None]:
-    if raw in SMS_STATUS:
-        return SMS_STATUS[raw]
+    if raw in NUMERIC_STATUS:
+        return NUMERIC_STATUS[raw]
     word = WORD_STATUS.get(raw.lower())
     if word is None:
         raise Invalid(f"unknown status {raw!r}")

@@ -18,7 +18,6 @@ D = cast(Table, Delivery.__table__)
 A = cast(Table, DeliveryAttempt.__table__)
 E = cast(Table, OutboundEvent.__table__)
 EP = cast(Table, Endpoint.__table__)
-STATUSES = ("pending", "delivered", "failed")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Path, Query, Request, Response, status
 from sqlalchemy import Connection
 
-from app.core.targets import blocked_address
+from app.core.targets import RefusedAddress, refuse_if_blocked
 from app.core.times import utcnow
 from app.core.webhook_signing import mask
 from app.forward import deliveries, endpoints
@@ -39,7 +36,6 @@ T = TypeVar("T")
 Responses = dict[int | str, dict[str, Any]]
 NOT_FOUND: Responses = {404: {"description": "no such endpoint or delivery"}}
 CONFLICT: Responses = {409: {"description": "not possible in the endpoint's current state"}}
-RESOLVE_SECONDS = 3.0
 
 
 async def _in_transaction(request: Request, fn: Callable[[Connection], T]) -> T:
@@ -65,21 +61,12 @@ def _wake(request: Request) -> None:
         forwarder.wake()
 
 
-async def _refuse_link_local(url: str) -> None:
-    """Refuse a host that resolves to a link-local address now; one that does not resolve
-    (yet) is accepted, since every connection is checked again after resolution."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+async def _refuse_blocked(url: str) -> None:
+    """422 when the URL's host resolves to a refused (cloud metadata) address now."""
     try:
-        async with asyncio.timeout(RESOLVE_SECONDS):
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, parts.port or 443, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError):
-        return
-    for info in infos:
-        if blocked_address(str(info[4][0])):
-            raise invalid(("body", "url"), f"{host} resolves to the link-local address "
-                          f"{info[4][0]}, which is refused")
+        await refuse_if_blocked(url)
+    except RefusedAddress as exc:
+        raise invalid(("body", "url"), str(exc)) from None
 
 
 def _stats_out(s: endpoints.Stats) -> EndpointStatsOut:
@@ -108,7 +95,7 @@ def _delivery_out(item: deliveries.Listed) -> DeliveryOut:
 @router.post("/endpoints", status_code=status.HTTP_201_CREATED, response_model=EndpointOut)
 async def create_endpoint(body: EndpointIn, request: Request) -> EndpointOut:
     """Add an endpoint. The answer holds its signing secret in full, this once."""
-    await _refuse_link_local(body.url)
+    await _refuse_blocked(body.url)
     row = await _in_transaction(request, lambda conn: endpoints.create(
         conn, url=body.url, events=body.events, prefix=body.p_transaction_id_prefix,
         description=body.description))

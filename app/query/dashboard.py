@@ -15,18 +15,19 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qs
 
-import anyio
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from app.config import Settings
-from app.core.notifications import SMS_STATUS_EXTENDED_MEANING, STATUS_EXTENDED_MEANING
+from app.core.notifications import NUMERIC_STATUS_EXTENDED_MEANING, STATUS_EXTENDED_MEANING
+from app.ops.bodies import BodyTooLarge, BodyTooSlow, read_body
 from app.web.security import (
     SESSION_COOKIE,
     SESSION_MAX_AGE,
     arrived_over_https,
     check_api_access,
     has_valid_session,
+    matching_key,
     new_session,
     token_matches,
 )
@@ -43,7 +44,7 @@ SIGN_IN_READ_TIMEOUT = 10.0
 
 @lru_cache(maxsize=1)
 def page() -> str:
-    meanings = STATUS_EXTENDED_MEANING | SMS_STATUS_EXTENDED_MEANING
+    meanings = STATUS_EXTENDED_MEANING | NUMERIC_STATUS_EXTENDED_MEANING
     # The provider's meaning of each code goes into the page, beside the failure chart.
     return PAGE.read_text(encoding="utf-8").replace(
         "__MEANINGS__", json.dumps(meanings).replace("</", "<\\/"))
@@ -91,16 +92,14 @@ async def dashboard(request: Request) -> Response:
 
 async def _read_form(request: Request) -> dict[str, list[str]] | None:
     """The urlencoded form, or None when it is too large or too slow: this route is open to
-    anyone, so it reads a few KB at most, within a deadline."""
-    body = bytearray()
-    with anyio.move_on_after(SIGN_IN_READ_TIMEOUT) as scope:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_SIGN_IN_BYTES:
-                return None
-    if scope.cancelled_caught:
+    anyone, so it reads a few KB at most, within a deadline, and at most a few fields."""
+    try:
+        body = await read_body(request.receive, limit=MAX_SIGN_IN_BYTES,
+                               timeout=SIGN_IN_READ_TIMEOUT,
+                               content_length=request.headers.get("content-length"))
+        return parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+    except (BodyTooLarge, BodyTooSlow, ValueError):  # ValueError: more fields than that
         return None
-    return parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
 
 
 def _cross_site(request: Request) -> bool:
@@ -127,10 +126,7 @@ async def sign_in(request: Request) -> Response:
         return HTMLResponse(_sign_in_page("The form was too large or too slow."),
                             status_code=status.HTTP_400_BAD_REQUEST)
     given = (form.get("key") or [""])[0].strip()
-    matched: str | None = None
-    for key in keys:  # every key, so the time taken does not say which one nearly matched
-        if token_matches(given, key):
-            matched = key
+    matched = matching_key(keys, lambda key: token_matches(given, key))
     if matched is None:
         return HTMLResponse(_sign_in_page("That is not one of this server's API keys."),
                             status_code=status.HTTP_401_UNAUTHORIZED)

@@ -8,22 +8,20 @@ after it is committed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from contextlib import nullcontext
 from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import PlainTextResponse, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
 
 from app.config import Settings
 from app.core.notifications import Invalid, Rejection, interpret
 from app.core.times import utcnow
 from app.ops import metrics
+from app.ops.bodies import BodyTooLarge, BodyTooSlow, read_body
 from app.ops.http_protocol import body_received
 from app.ops.logs import redact_query
 from app.store.ingestor import Ingestor
@@ -33,10 +31,6 @@ from app.web.security import check_callback, client_ip
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["callbacks"])
-
-class BodyTooLarge(Exception):
-    pass
-
 
 class Unreadable(ValueError):
     """The body cannot be decoded as its content type says; archived as rejected."""
@@ -136,28 +130,6 @@ def parse_body(content_type: str | None, body: bytes) -> dict[str, str]:
     return parse_urlencoded(body)  # form data, and what a missing or odd type most likely is
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused as soon as it is over `limit` (declared or not). Read from the
-    ASGI messages directly: a callback's body is one message, and Starlette's stream (an
-    async generator) cost more than the read itself."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 def _is_form(content_type: str | None) -> bool:
     ctype, _ = parse_options_header(content_type or "")
     return not (ctype == b"application/json" or ctype.endswith(b"+json")
@@ -188,16 +160,16 @@ async def receive(request: Request, token: str | None = None) -> Response:
         if request.method == "POST":
             # A body that trickles in must not hold a connection (and its memory) forever;
             # one that is all in has nothing to wait for, so no deadline is armed.
-            deadline = (nullcontext() if body_received(request.scope)
-                        else asyncio.timeout(settings.callback_read_timeout))
-            async with deadline:
-                body = await read_body(request, settings.max_callback_bytes)
+            body = await read_body(
+                request.receive, limit=settings.max_callback_bytes,
+                timeout=None if body_received(request.scope) else settings.callback_read_timeout,
+                content_length=request.headers.get("content-length"))
     except BodyTooLarge:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"callback body over {settings.max_callback_bytes} bytes",
         ) from None
-    except TimeoutError:
+    except BodyTooSlow:
         raise HTTPException(
             status.HTTP_408_REQUEST_TIMEOUT,
             f"callback body not received within {settings.callback_read_timeout} s",

@@ -1,11 +1,13 @@
-"""What the write path hands to forwarding, and `enqueue`, which stores it inside the
-callback's own transaction: an acknowledged callback always has its deliveries stored.
+"""The forwarding outbox: the events a batch caused and their deliveries, stored inside the
+callback's own transaction (`Outbox.enqueue`, `write_events`): an acknowledged callback
+always has its deliveries stored.
 
-`enqueue` is on the ingest hot path, so it speaks SQL directly and fans out set-based:
-one statement checks whether any endpoint is enabled (none: nothing else happens, nothing is
-serialised), then the events and one delivery per matching endpoint are written by one
-statement on PostgreSQL and two on SQLite. Whether an endpoint matches is decided in SQL in
-the same transaction, never from a cache, so an endpoint created a moment ago is not missed.
+It is on the ingest hot path, so it speaks SQL directly and fans out set-based: whether any
+endpoint is enabled is asked inside the events insert of the write path (none: nothing else
+happens, nothing is serialised), then the events and one delivery per matching endpoint are
+written by one statement on PostgreSQL and two on SQLite. Whether an endpoint matches is
+decided in SQL in the same transaction, never from a cache, so an endpoint created a moment
+ago is not missed.
 """
 
 from __future__ import annotations
@@ -101,23 +103,10 @@ def _sqlite_events(rows: int) -> str:
             f"WHERE EXISTS (SELECT 1 FROM endpoints ep WHERE {match_sql('sqlite', 'r')})")
 
 
-def has_endpoints(conn: Connection) -> bool:
-    """Whether any endpoint is enabled (inside the caller's transaction). The write path may
-    call it to skip building events altogether; `enqueue` checks it itself anyway."""
-    return conn.exec_driver_sql(ANY_ENABLED).first() is not None
-
-
-def enqueue(conn: Connection, events: Sequence[ForwardEvent]) -> int:
+def write_events(conn: Connection, events: Sequence[ForwardEvent]) -> int:
     """Store the events and one pending delivery per matching enabled endpoint, inside the
-    caller's transaction (the caller commits). Returns how many deliveries were created."""
-    if not events or not has_endpoints(conn):
-        return 0
-    return _write(conn, events)
-
-
-def _write(conn: Connection, events: Sequence[ForwardEvent]) -> int:
-    """The fan-out itself; it takes only enabled, matching endpoints, so it is right even
-    without the `has_endpoints` check (which only saves the work when none listens)."""
+    caller's transaction (the caller commits); how many deliveries were created. Whether an
+    endpoint matches is decided in SQL, so an event no endpoint takes is not stored."""
     now = utcnow()
     if conn.dialect.name == "postgresql":
         batch = json.dumps([
@@ -152,7 +141,7 @@ class Outbox:
     def enqueue(self, conn: Connection, changes: Sequence[Any]) -> int:
         # The write path asked `active_sql` in this same transaction just before (it only has
         # changes when it did), so the check is not repeated.
-        return _write(conn, [from_change(c) for c in changes]) if changes else 0
+        return write_events(conn, [from_change(c) for c in changes]) if changes else 0
 
 
 def from_change(change: Any) -> ForwardEvent:

@@ -16,6 +16,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.ops.bodies import BodyTooLarge, BodyTooSlow, BoundedReceive, declared_too_large
 from app.web.routing import call_dependencies
 from app.web.security import require_api_access
 
@@ -37,35 +38,25 @@ class ApiGuard:
         request = Request(scope)
         try:
             await call_dependencies(request, ACCESS)
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body:
+            if declared_too_large(request.headers.get("content-length"), self.max_body):
                 raise self._too_large()
         except HTTPException as exc:
             response = await http_exception_handler(request, exc)
             await response(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.read_timeout
-        body_done = False
-        received = 0
+        bounded = BoundedReceive(
+            receive, limit=self.max_body,
+            deadline=asyncio.get_running_loop().time() + self.read_timeout)
 
         async def receive_in_time() -> Message:
-            nonlocal body_done, received
-            if body_done:  # afterwards only a disconnect can come: no deadline for that
-                return await receive()
             try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
+                return await bounded()
+            except BodyTooSlow:
                 raise HTTPException(
                     status.HTTP_408_REQUEST_TIMEOUT,
                     f"request body not received within {self.read_timeout:g} s") from None
-            body_done = message["type"] != "http.request" or not message.get("more_body")
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise self._too_large()
-            return message
+            except BodyTooLarge:
+                raise self._too_large() from None
 
         await self.app(scope, receive_in_time, send)
 

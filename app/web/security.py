@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -64,6 +65,17 @@ def token_matches(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
+def matching_key(keys: list[str], accepts: Callable[[str], bool]) -> str | None:
+    """The key that `accepts` takes, after trying every key whatever the outcome, so that the
+    time taken does not say which one nearly matched. (The one way every check against the
+    configured keys is made: a presented key, a session cookie, the sign-in form.)"""
+    matched: str | None = None
+    for key in keys:
+        if accepts(key):
+            matched = key
+    return matched
+
+
 def check_callback(request: Request, settings: Settings, path_token: str | None) -> None:
     """Raise 403 unless the callback carries the token and comes from an allowed address.
 
@@ -99,10 +111,7 @@ def check_api_access(request: Request) -> None:
     keys = settings.api_key_values()
     if keys:
         given = _presented_key(request)
-        # Compare against every key so the time taken does not say which one nearly matched.
-        ok = False
-        for key in keys:
-            ok |= token_matches(given, key)
+        ok = matching_key(keys, lambda key: token_matches(given, key)) is not None
         # A dashboard session stands in for the key on reads only; a presented key that is
         # wrong is refused even beside a valid session, so the answer never misleads.
         if not ok and given is None and session_may_read(request):
@@ -155,14 +164,15 @@ def has_valid_session(request: Request, keys: list[str]) -> bool:
     value = request.cookies.get(SESSION_COOKIE)
     if not value:
         return False
-    ok = False
-    for key in keys:  # every key, like the header check
+
+    def signed_with(key: str) -> bool:
         try:
             _session_signer(key).unsign(value, max_age=SESSION_MAX_AGE)
-            ok = True
         except BadSignature:  # also expired, or dated in the future
-            pass
-    return ok
+            return False
+        return True
+
+    return matching_key(keys, signed_with) is not None
 
 
 def arrived_over_https(request: Request, trusted_proxies: list[IPNetwork]) -> bool:
