@@ -42,15 +42,26 @@ class Target:
 
     @classmethod
     def parse(cls, url: str) -> Target:
+        """The target of an endpoint URL; ValueError for one no request can be made to (a
+        host IDNA cannot encode, a path that is not ASCII: app/core/targets.py refuses both
+        when an endpoint is made, so only a row stored before that check can have one)."""
         parts = urlsplit(url)
         tls = parts.scheme == "https"
         host = parts.hostname or ""
         port = parts.port or (443 if tls else 80)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        shown = f"[{host}]" if ":" in host else host
+        try:
+            # The host alone: IDNA encodes labels, and `host:port` would be read as one.
+            shown = f"[{host}]" if ":" in host else host.encode("idna").decode("ascii")
+            path_bytes = path.encode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"no request can be made to {url!r}: {exc}") from None
+        if any(c <= 0x20 or c == 0x7F for c in path_bytes):
+            raise ValueError(f"no request can be made to {url!r}: a blank or control "
+                             "character in its path")
         default = port == (443 if tls else 80)
-        return cls(tls, host, port, path.encode(),
-                   (shown if default else f"{shown}:{port}").encode("idna"))
+        return cls(tls, host, port, path_bytes,
+                   (shown if default else f"{shown}:{port}").encode("ascii"))
 
     @property
     def origin(self) -> tuple[bool, str, int]:

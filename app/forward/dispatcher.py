@@ -59,10 +59,13 @@ JITTER = 0.2                # each retry delay is stretched or shrunk by up to 2
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """What a lane needs of its endpoint: where, and the keys that sign."""
+    """What a lane needs of its endpoint: where, and the keys that sign. `target` is None for
+    a URL no request can be made to (stored before the URL rules refused such URLs): its
+    attempts fail with `unusable` as their error, and the rest of forwarding goes on."""
 
-    target: Target
+    target: Target | None
     keys: tuple[bytes, ...]
+    unusable: str | None = None
 
 
 @dataclass(slots=True)
@@ -307,9 +310,14 @@ class Forwarder:
         return result
 
     def _targets(self, conn: Any, now: datetime) -> dict[str, Endpoint]:
-        rows = conn.execute(select(EP).where(EP.c.enabled))
-        return {r.id: Endpoint(Target.parse(r.url), tuple(endpoints.signing_keys(r, now)))
-                for r in rows}
+        targets = {}
+        for r in conn.execute(select(EP).where(EP.c.enabled)):
+            keys = tuple(endpoints.signing_keys(r, now))
+            try:
+                targets[r.id] = Endpoint(Target.parse(r.url), keys)
+            except ValueError as exc:  # one endpoint's URL must not stop the others
+                targets[r.id] = Endpoint(None, keys, str(exc))
+        return targets
 
     # --- applying a round (on the event loop) --------------------------------------------
 
@@ -403,19 +411,23 @@ class Forwarder:
         code: int | None = None
         response: str | None = None
         started = time.perf_counter()
+        target = lane.endpoint.target
         try:
+            if target is None:
+                raise ClientError(lane.endpoint.unusable or "no request can be made")
             async with asyncio.timeout(self.timeout):
-                code, kept = await self._client.post(lane.endpoint.target, claim.payload,
-                                                     headers, keep=BODY_KEPT)
+                code, kept = await self._client.post(target, claim.payload, headers,
+                                                     keep=BODY_KEPT)
             response = kept.decode("utf-8", "replace")
         except TimeoutError:
             response = f"timeout: no complete answer within {self.timeout:g} s"
-        except (OSError, ClientError) as exc:
-            response = (f"{type(exc).__name__}: {exc}" if str(exc)
-                        else type(exc).__name__)[:BODY_KEPT]
         except asyncio.CancelledError:
             lane.in_flight -= 1
             raise
+        except Exception as exc:  # noqa: BLE001 - OSError, ClientError, or anything else:
+            # every attempt ends with a recorded outcome, or its slot and lease would leak.
+            response = (f"{type(exc).__name__}: {exc}" if str(exc)
+                        else type(exc).__name__)[:BODY_KEPT]
         latency = time.perf_counter() - started
         ok = code is not None and 200 <= code < 300
         self._outcomes.append(self._outcome(lane, claim, attempted_at, code, ok,

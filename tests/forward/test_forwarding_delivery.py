@@ -273,3 +273,29 @@ async def test_a_gone_endpoint_enabled_again_gets_its_events_by_replay(
     f.wake()
     got = await asyncio.to_thread(sink.wait_for, 4)
     assert len({r.webhook_id for r in got[1:]}) == 3
+
+
+@pytest.mark.parametrize("url", ["http://a..b/", "http://example.com/a b",
+                                 "http://example.com/caf\u00e9"])
+async def test_an_endpoint_no_request_can_be_made_to_stops_no_other(
+        engine: Engine, sink: Sink, forwarder: Any, url: str) -> None:
+    """A URL stored before the URL rules refused it (a host IDNA cannot encode, a blank or
+    non-ASCII path) fails its own attempts with the reason and stops no other endpoint; its
+    slots are freed, so a manual retry is accepted (not 409 forever)."""
+    good = add_endpoint(engine, sink.url)
+    bad = add_endpoint(engine, "http://127.0.0.1:9/placeholder")
+    with engine.begin() as conn:  # as an endpoint stored before the check would be
+        conn.execute(Endpoint.__table__.update().where(Endpoint.id == bad.id).values(url=url))
+    f = await forwarder(forward_retry_schedule="60")
+    emit(engine, [status_event("MSG-A", "delivered")])
+    f.wake()
+    assert len(await asyncio.to_thread(sink.wait_for, 1)) == 1
+    attempts = await eventually(lambda: rows(engine, DeliveryAttempt,
+                                             DeliveryAttempt.endpoint_id == bad.id))
+    assert attempts and "no request can be made" in attempts[0].response
+    [stuck] = rows(engine, Delivery, Delivery.endpoint_id == bad.id)
+    assert await eventually(lambda: rows(engine, Delivery, Delivery.id == stuck.id,
+                                         Delivery.lease_token.is_(None)))
+    with engine.begin() as conn:
+        assert deliveries.retry(conn, stuck.id).delivery.status == "pending"
+    assert good.id != bad.id

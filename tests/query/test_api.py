@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 from sqlalchemy import Engine
 
 from ..helpers import AppFactory, client_for, dlr, record_send
@@ -62,9 +63,15 @@ async def test_pages_are_stable_under_concurrent_inserts(client: httpx.AsyncClie
     assert len(seen) == len(set(seen))
 
 
-async def test_bad_cursor_is_a_clear_error(client: httpx.AsyncClient) -> None:
-    r = await client.get("/api/v1/messages", params={"cursor": "!!not-a-cursor"})
-    assert r.status_code == 422
+@pytest.mark.parametrize("path", ["/api/v1/messages", "/api/v1/replies", "/api/v1/rejected",
+                                  "/api/v1/deliveries"])
+@pytest.mark.parametrize("cursor", ["!!not-a-cursor", "²", "١٢", "1" * 26, "-5", ""])
+async def test_bad_cursor_is_a_clear_error_on_every_list(client: httpx.AsyncClient, path: str,
+                                                         cursor: str) -> None:
+    """Every list pages the same way: a cursor that is not a next_cursor is a 422 naming it
+    (a superscript or Arabic-Indic digit passed `str.isdigit()` and then failed `int()`)."""
+    r = await client.get(path, params={"cursor": cursor})
+    assert r.status_code == 422, r.text
     [error] = r.json()["detail"]
     assert error["loc"] == ["query", "cursor"]
 

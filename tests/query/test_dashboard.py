@@ -295,6 +295,11 @@ async def test_sign_in_refuses_wrong_keys_and_odd_requests(app_with: AppFactory)
         huge = await client.post("/dashboard/sign-in", content=b"key=" + b"k" * 10_000,
                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert huge.status_code == 400 and "set-cookie" not in huge.headers
+        # A form of more fields than a sign-in has is refused the same way (it was a 500).
+        many = await client.post("/dashboard/sign-in", content="&".join(
+            f"f{i}=v" for i in range(11)).encode() + b"&key=" + KEY.encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert many.status_code == 400 and "set-cookie" not in many.headers
         assert "Secure" not in set_cookie(await sign_in(client, KEY))
     # Behind a trusted TLS proxy, the cookie is sent over HTTPS only.
     async with client_for(app, peer="10.1.2.3") as proxied:
