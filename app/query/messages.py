@@ -33,7 +33,8 @@ _EVENT_COLUMNS = [Event.__table__.c[name] for name in EventOut.model_fields]
 _LOOKUP = KeyedRead(
     select(*_SUMMARY_COLUMNS, *(c.label(f"e_{c.name}") for c in _EVENT_COLUMNS))
     .select_from(Message.__table__.outerjoin(Event.__table__, Event.msg_key == Message.msg_key))
-    .order_by(Event.id),
+    # Arrival order: a batch inserts its events in dedupe_key order (app/store/write.py).
+    .order_by(Event.received_at, Event.id),
     Message.__table__.c.msg_key,
 )
 

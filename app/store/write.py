@@ -387,7 +387,9 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
         conn.execute(insert(Rejected), rejected)
 
     stamp = stamper(conn.dialect)
-    message_rows: list[MessageRow] = []
+    # (index in the batch, row): merged in arrival order, so that within one batch the later
+    # of two final statuses wins and a message's times are those of its first notifications.
+    arriving: list[tuple[int, MessageRow]] = []
     first: dict[str, int] = {}  # dedupe_key -> index of its first copy in this batch
     for idx, item in enumerate(items):
         if isinstance(item, Notification):
@@ -396,13 +398,13 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
         elif isinstance(item, SendRecord):
             _store_send(conn, item)
             outcomes[idx] = "new"
-            message_rows.extend((row, None) for row in send_rows(item, stamp(item.created_at)))
+            arriving.extend((idx, (row, None)) for row in send_rows(item, stamp(item.created_at)))
 
-    listening = False  # whether any forwarding endpoint is enabled, asked with the events
+    listening = False  # whether forwarding keeps events, asked with the events insert
     if first:
-        # In dedupe_key order: writers in other processes (a second worker, a replica) that
-        # insert the same notifications then wait for each other in one order, never in a
-        # cycle (the message upsert sorts its rows for the same reason).
+        # Inserted in dedupe_key order: writers in other processes (a second worker, a
+        # replica) that insert the same notifications then wait for each other in one order,
+        # never in a cycle (the message upsert sorts its rows for the same reason).
         order = sorted(first.values(), key=lambda i: cast(Notification, items[i]).dedupe_key)
         notes = [cast(Notification, items[i]) for i in order]
         stamps = [stamp(n.received_at) for n in notes]
@@ -411,7 +413,9 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
         for idx, n, s in zip(order, notes, stamps, strict=True):
             if n.dedupe_key in new:  # only new notifications change a message
                 outcomes[idx] = "new"
-                message_rows.append((notification_row(n, s), n))
+                arriving.append((idx, (notification_row(n, s), n)))
+    arriving.sort(key=lambda pair: pair[0])
+    message_rows = [row for _, row in arriving]
 
     stored = Stored(outcomes)
     if message_rows:

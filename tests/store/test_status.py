@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from sqlalchemy import Engine
+
+from app.core.notifications import Notification, interpret
+from app.store.write import store
 
 from ..helpers import UUID_A, dlr, record_send
 
@@ -84,3 +88,40 @@ async def test_send_record_first_then_dlrs(client: httpx.AsyncClient, engine: En
     assert (m["status"], m["delivered_at"]) == ("accepted", None)
     m = await final_status(client, "s-1", DELIVERED)
     assert (m["status"], m["phone"]) == ("delivered", "79165557755")
+
+
+def _batch_against_dedupe_order(first: dict[str, str], second: dict[str, str], prefix: str
+                                ) -> tuple[str, list[Notification]]:
+    """A msg_id whose two notifications, received in this order, sort the other way by
+    dedupe_key (the order a batch inserts its events in)."""
+    start = datetime(2026, 12, 7, 10, 0, tzinfo=UTC)
+    for i in range(1000):
+        msg_id = f"{prefix}-{i}"
+        notes = [interpret({"msg_id": msg_id, **fields}, received_at=start + timedelta(seconds=k))
+                 for k, fields in enumerate((first, second))]
+        if notes[1].dedupe_key < notes[0].dedupe_key:
+            return msg_id, notes
+    raise AssertionError("no such msg_id")
+
+
+@pytest.mark.parametrize(("first", "second", "wins"), [
+    (UNDELIVERED, DELIVERED, "delivered"), (DELIVERED, UNDELIVERED, "undelivered")])
+async def test_in_one_batch_the_later_final_status_wins(
+        client: httpx.AsyncClient, engine: Engine, first: dict[str, str],
+        second: dict[str, str], wins: str) -> None:
+    msg_id, notes = _batch_against_dedupe_order(first, second, f"batch-{wins}")
+    with engine.begin() as conn:
+        store(conn, notes)
+    m = (await client.get(f"/api/v1/messages/{msg_id}")).json()
+    assert m["status"] == wins
+    assert [e["status"] for e in m["events"]] == [first["status"], second["status"]]
+
+
+async def test_in_one_batch_times_and_timeline_follow_arrival(client: httpx.AsyncClient,
+                                                              engine: Engine) -> None:
+    msg_id, notes = _batch_against_dedupe_order(DELIVERED, SEEN, "times")
+    with engine.begin() as conn:
+        store(conn, notes)
+    m = (await client.get(f"/api/v1/messages/{msg_id}")).json()
+    assert m["delivered_at"] < m["seen_at"]
+    assert [e["type"] for e in m["events"]] == ["delivery", "seen"]
