@@ -1,5 +1,5 @@
 """The HTTP client forwarding sends with: HTTP/1.1 (h11) over asyncio streams, keep-alive
-connections per origin, every new connection checked after DNS resolution (guard.py).
+connections per origin, every new connection checked after DNS resolution (app/core/targets.py).
 
 Why not httpx: through httpcore's pool and anyio streams one webhook cost ~1.4 ms of CPU on
 the event loop that also answers the provider's callbacks (measured on the 2-core bench
