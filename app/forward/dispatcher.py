@@ -2,9 +2,15 @@
 
 One loop on the event loop runs "rounds": each round, in the Forwarder's own database
 thread, records the outcomes of finished attempts and claims (leases) due deliveries for
-every endpoint that has room, all in one transaction. Each endpoint has a lane in this
-process: a small buffer of claimed deliveries, at most DLR_FORWARD_CONCURRENCY requests in
-flight, and a circuit breaker. A hanging endpoint fills only its own lane.
+the endpoints that have some and room for them, all in one transaction. A round's work
+follows the deliveries, not the number of endpoints: a lane whose last claim came back short
+is "exhausted" and claims again only when a retry of its own comes due, its circuit
+reopens, or one query (`queue.due_endpoints`, on each wake and poll) finds due deliveries
+for it; the endpoints themselves are reloaded only when they changed.
+
+Each endpoint has a lane in this process: a small buffer of claimed deliveries, at most
+DLR_FORWARD_CONCURRENCY requests in flight, and a circuit breaker. A hanging endpoint fills
+only its own lane.
 
 At least once: a delivery leaves `pending` only when a 2xx is recorded (or its schedule is
 spent). Whatever this process had claimed when it died comes back when the lease passes.
@@ -45,6 +51,7 @@ EP = cast(Table, EndpointRow.__table__)
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0          # look for work others queued (replicas, retries coming due)
+RELOAD_SECONDS = 60.0       # endpoints reloaded at least this often (secrets' grace ends)
 FLUSH_SECONDS = 0.05        # outcomes wait at most this long to be recorded
 METRICS_SECONDS = 5.0       # backlog gauges refreshed this often
 BUFFER_ROUNDS = 16          # a lane holds up to this many times its concurrency, claimed
@@ -76,7 +83,8 @@ class Lane:
     endpoint: Endpoint
     buffer: deque[tuple[Claim, float]] = field(default_factory=deque)  # (claim, deadline)
     in_flight: int = 0
-    exhausted: bool = False      # the last claim found less than asked: wait for news
+    exhausted: bool = True       # the last claim found less than asked (or none was made
+    # yet): claim only when told of work (a discovery, a retry coming due, a reopen)
     failures: int = 0            # consecutive failed attempts
     open_until: float | None = None  # circuit open until (monotonic); None when closed
     cooldown: float = COOLDOWN_FIRST
@@ -102,6 +110,24 @@ def retry_delay(schedule: Sequence[float], attempts_made: int) -> float | None:
 
 # Where the database rounds run: a coroutine function taking (fn, *args), like Ingestor.call.
 DbRunner = Callable[..., Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one round is to do (made on the event loop, run in the database thread)."""
+
+    outcomes: list[Outcome]
+    wants: dict[str, int] = field(default_factory=dict)   # lanes that claim anyway
+    rooms: dict[str, int] = field(default_factory=dict)   # exhausted lanes' room, if found
+    known: frozenset[str] = frozenset()                     # lanes this process has
+    discover: bool = False        # ask which endpoints have due deliveries
+    refresh: bool = False         # reload the endpoints if they changed; expire
+    reload: bool = False          # reload the endpoints whether or not they changed
+    version: tuple[Any, ...] | None = None  # the endpoints as last loaded
+    gauges: bool = False
+    disable: dict[str, str] = field(default_factory=dict)
+    recovered: set[str] = field(default_factory=set)
+    open_ids: list[str] = field(default_factory=list)
 
 
 class Forwarder:
@@ -131,6 +157,9 @@ class Forwarder:
         self._closing = False
         self._next_refresh = 0.0
         self._next_metrics = 0.0
+        self._next_reload = 0.0
+        self._version: tuple[Any, ...] | None = None
+        self._discover = True
         self._synced = False
         self._gauged: set[str] = set()
 
@@ -173,8 +202,8 @@ class Forwarder:
             self._release(lane)
         if self._outcomes:
             try:
-                await self._db(self._round, self._take_outcomes(), {}, False, False,
-                               self._disable, self._recovered, [])
+                await self._db(self._round, Plan(self._take_outcomes(), disable=self._disable,
+                                                 recovered=self._recovered))
             except SQLAlchemyError as exc:
                 log.warning("forwarding: outcomes not recorded at shutdown (they will be "
                             "sent again): %s", str(exc).splitlines()[0])
@@ -190,9 +219,18 @@ class Forwarder:
         if threading.get_ident() != self._loop_thread:
             self._loop.call_soon_threadsafe(self.wake)
             return
-        for lane in self._lanes.values():
-            lane.exhausted = False
+        # Which lanes the new deliveries are for is asked by the next round (one query),
+        # not found by claiming for every lane.
+        self._discover = True
         self._wake.set()
+
+    def circuits(self) -> dict[str, datetime]:
+        """Endpoints whose circuit is open in this process, with when it lets the next
+        attempt through (now, when half open)."""
+        now, wall = time.monotonic(), utcnow()
+        return {i: wall + timedelta(seconds=max(0.0, lane.open_until - now))
+                for i, lane in self._lanes.items()
+                if lane.open_until is not None and math.isfinite(lane.open_until)}
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -212,23 +250,23 @@ class Forwarder:
         while not self._closing:
             now = time.monotonic()
             refresh = now >= self._next_refresh
-            wants = {} if refresh else self._wants(now)
-            outcomes = self._take_outcomes()
-            disable, self._disable = self._disable, {}
-            recovered, self._recovered = self._recovered, set()
+            discover, self._discover = self._discover or refresh, False
+            plan = Plan(self._take_outcomes(), refresh=refresh, discover=discover,
+                        reload=refresh and now >= self._next_reload, version=self._version,
+                        gauges=now >= self._next_metrics)
+            plan.disable, self._disable = self._disable, {}
+            plan.recovered, self._recovered = self._recovered, set()
+            self._plan_claims(plan, now)
+            outcomes, disable, recovered = plan.outcomes, plan.disable, plan.recovered
             try:
-                if refresh or wants or outcomes or disable or recovered:
-                    result = await self._db(self._round, outcomes, wants, refresh,
-                                            now >= self._next_metrics, disable, recovered,
-                                            [i for i, lane in self._lanes.items()
-                                             if lane.open_until is not None])
+                if refresh or discover or plan.wants or outcomes or disable or recovered:
+                    result = await self._db(self._round, plan)
                     self._apply(result, now)
                     if refresh:
                         self._next_refresh = now + POLL_SECONDS
-                        # Claims come right after a refresh, with the lanes it set up.
-                        self._wake.set()
                 failures = 0
             except SQLAlchemyError as exc:
+                self._discover = self._discover or discover
                 self._keep(outcomes, disable, recovered)
                 failures += 1
                 log.warning("forwarding: database round failed (%s); retrying",
@@ -236,6 +274,7 @@ class Forwarder:
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** failures))
                 continue
             except Exception:  # noqa: BLE001 - the loop must outlive any surprise
+                self._discover = self._discover or discover
                 self._keep(outcomes, disable, recovered)
                 log.exception("forwarding: round failed")
                 await asyncio.sleep(1.0)
@@ -255,22 +294,29 @@ class Forwarder:
         self._disable = disable | self._disable
         self._recovered |= recovered
 
-    def _wants(self, now: float) -> dict[str, int]:
-        """How many deliveries each lane should claim now."""
-        wants: dict[str, int] = {}
+    def _room(self, lane: Lane, now: float) -> int:
+        """How many deliveries the lane would claim now (0: none)."""
+        allowed = lane.circuit_allows(now)
+        if allowed == 0:
+            return 0
+        if allowed == 1:  # half open: one probe, nothing buffered behind it
+            return 1 if not lane.buffer and lane.in_flight == 0 else 0
+        if len(lane.buffer) < self.concurrency * BUFFER_ROUNDS // 2:
+            return max(0, self.concurrency * BUFFER_ROUNDS - len(lane.buffer) - lane.in_flight)
+        return 0
+
+    def _plan_claims(self, plan: Plan, now: float) -> None:
+        """Which lanes claim in this round: those not exhausted, and (when the round asks
+        which endpoints have due deliveries) the exhausted ones it finds, with their room."""
         for lane in self._lanes.values():
-            allowed = lane.circuit_allows(now)
-            if allowed == 0 or lane.exhausted:
+            if lane.exhausted and not plan.discover:
                 continue
-            if allowed == 1:  # half open: one probe, nothing buffered behind it
-                if not lane.buffer and lane.in_flight == 0:
-                    wants[lane.endpoint_id] = 1
-                continue
-            if len(lane.buffer) < self.concurrency * BUFFER_ROUNDS // 2:
-                room = self.concurrency * BUFFER_ROUNDS - len(lane.buffer) - lane.in_flight
-                if room > 0:
-                    wants[lane.endpoint_id] = room
-        return wants
+            room = self._room(lane, now)
+            if room > 0:
+                (plan.rooms if lane.exhausted else plan.wants)[lane.endpoint_id] = room
+        if plan.discover:
+            plan.known = frozenset(self._lanes)
+        plan.open_ids = [i for i, lane in self._lanes.items() if lane.open_until is not None]
 
     def _lease_for(self, count: int) -> float:
         """Seconds a claim of `count` deliveries is leased: long enough for all of them to
@@ -284,34 +330,48 @@ class Forwarder:
             endpoints.sync_settings(conn, self.settings)
         self._synced = True
 
-    def _round(self, outcomes: list[Outcome], wants: dict[str, int], refresh: bool,
-               gauges: bool, disable: dict[str, str], recovered: set[str],
-               open_ids: list[str]) -> dict[str, Any]:
+    def _round(self, plan: Plan) -> dict[str, Any]:
         if not self._synced:
             self._sync_settings()
         result: dict[str, Any] = {"claims": {}, "started": time.monotonic()}
         now = utcnow()
         with self.engine.connect() as conn, _relaxed_sync(conn), conn.begin():
-            queue.record(conn, outcomes)
-            for endpoint_id, reason in disable.items():
+            queue.record(conn, plan.outcomes)
+            for endpoint_id, reason in plan.disable.items():
                 queue.disable(conn, endpoint_id, reason, now)
-            queue.pull_forward(conn, recovered, now)
-            if refresh:
-                result["targets"] = self._targets(conn, now)
+            queue.pull_forward(conn, plan.recovered, now)
+            targets: dict[str, Endpoint] | None = None
+            if plan.refresh:
+                version = queue.endpoints_version(conn)
+                if plan.reload or version != plan.version:
+                    targets = result["targets"] = self._targets(conn, now)
+                    result["version"] = version
                 span = timedelta(seconds=sum(self.schedule))
-                queue.expire(conn, open_ids, now - span, now)
+                queue.expire(conn, plan.open_ids, now - span, now)
+            wants = dict(plan.wants)
+            if plan.discover:
+                for endpoint_id in queue.due_endpoints(conn, now):
+                    if endpoint_id in wants:
+                        continue
+                    if endpoint_id in plan.rooms:
+                        wants[endpoint_id] = plan.rooms[endpoint_id]
+                    elif targets is not None and endpoint_id not in plan.known \
+                            and endpoint_id in targets:  # a lane this round sets up
+                        wants[endpoint_id] = self.concurrency * BUFFER_ROUNDS
             for endpoint_id, count in wants.items():
+                if targets is not None and endpoint_id not in targets:
+                    continue  # deleted, disabled or paused: its lane goes
                 lease = timedelta(seconds=self._lease_for(count))
                 result["claims"][endpoint_id] = (
                     count, queue.claim(conn, endpoint_id, count, now, lease),
                     lease.total_seconds())
-            if gauges:
+            if plan.gauges:
                 result["backlog"] = queue.backlog(conn, now)
         return result
 
     def _targets(self, conn: Any, now: datetime) -> dict[str, Endpoint]:
         targets = {}
-        for r in conn.execute(select(EP).where(EP.c.enabled)):
+        for r in conn.execute(select(EP).where(EP.c.enabled, EP.c.paused_at.is_(None))):
             keys = tuple(endpoints.signing_keys(r, now))
             try:
                 targets[r.id] = Endpoint(Target.parse(r.url), keys)
@@ -324,16 +384,17 @@ class Forwarder:
     def _apply(self, result: dict[str, Any], now: float) -> None:
         targets: dict[str, Endpoint] | None = result.get("targets")
         if targets is not None:
+            self._version = result["version"]
+            self._next_reload = now + RELOAD_SECONDS
             for endpoint_id in list(self._lanes):
-                if endpoint_id not in targets:  # deleted or disabled
+                if endpoint_id not in targets:  # deleted, disabled or paused
                     self._release(self._lanes.pop(endpoint_id))
             for endpoint_id, target in targets.items():
                 lane = self._lanes.get(endpoint_id)
-                if lane is None:
+                if lane is None:  # exhausted until a claim or a discovery finds work
                     self._lanes[endpoint_id] = Lane(endpoint_id, target)
-                else:
+                else:  # a new URL or secret: what it sends from now on goes there
                     lane.endpoint = target
-                    lane.exhausted = False
         if "backlog" in result:
             self._next_metrics = now + METRICS_SECONDS
             self._gauges(result["backlog"])

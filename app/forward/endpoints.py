@@ -7,8 +7,9 @@ owns the transaction.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -20,13 +21,21 @@ from app.core.times import utcnow
 from app.core.webhook_signing import new_secret, secret_key
 from app.forward.queue import PENDING, Backlog, backlog
 from app.store.db import UTCDateTime
-from app.store.models import DeliveryAttempt, Endpoint
-from app.store.outbox import EVENT_TYPES, match_sql
+from app.store.models import Delivery, DeliveryAttempt, Endpoint
+from app.store.outbox import EVENT_TYPES, filter_sql
+
+log = logging.getLogger(__name__)
 
 EP = cast(Table, Endpoint.__table__)
 A = cast(Table, DeliveryAttempt.__table__)
+D = cast(Table, Delivery.__table__)
 SETTINGS_ID = "ep_settings"
 ROTATION_GRACE = timedelta(hours=24)
+# Rotated-out secrets kept signing (the latest ones, each for ROTATION_GRACE): every one adds
+# a signature to each request's webhook-signature header, so they must not pile up.
+MAX_PREVIOUS_SECRETS = 3
+SETTINGS_UNSET = "DLR_FORWARD_URL is no longer set"
+CHANGEABLE = ("url", "events", "p_transaction_id_prefix", "description", "enabled")
 STATS_WINDOW = 1000  # success rate and last error: over this many latest attempts
 
 
@@ -102,30 +111,83 @@ def remove(conn: Connection, endpoint_id: str) -> None:
     conn.execute(delete(EP).where(EP.c.id == endpoint_id))
 
 
+def retired(row: Any, now: datetime) -> str:
+    """`previous_secrets` once the row's current secret is rotated out now: it signs beside
+    the new one for ROTATION_GRACE; only the latest MAX_PREVIOUS_SECRETS still in their grace
+    are kept (older ones stop signing at once)."""
+    kept = [[s, until] for s, until in json.loads(row.previous_secrets or "[]")
+            if datetime.fromisoformat(until) > now and s != row.secret]
+    kept.append([row.secret, (now + ROTATION_GRACE).isoformat()])
+    return json.dumps(kept[-MAX_PREVIOUS_SECRETS:])
+
+
 def rotate(conn: Connection, endpoint_id: str) -> Row[Any]:
     """A new secret; the old one keeps signing beside it for 24 hours."""
     row = get(conn, endpoint_id)
     if row.from_settings:
         raise Conflict("this endpoint's secret comes from DLR_FORWARD_SECRET; change it there")
     now = utcnow()
-    kept = [[s, until] for s, until in json.loads(row.previous_secrets or "[]")
-            if datetime.fromisoformat(until) > now]
-    kept.append([row.secret, (now + ROTATION_GRACE).isoformat()])
     conn.execute(update(EP).where(EP.c.id == endpoint_id).values(
-        secret=new_secret(), previous_secrets=json.dumps(kept), updated_at=now))
+        secret=new_secret(), previous_secrets=retired(row, now), updated_at=now))
     return get(conn, endpoint_id)
 
 
 def enable(conn: Connection, endpoint_id: str) -> Row[Any]:
+    """Enable (after a 410, or DLR_FORWARD_URL unset) and resume (after a pause) at once:
+    its deliveries that came due meanwhile are due from now."""
     get(conn, endpoint_id)
+    now = utcnow()
     conn.execute(update(EP).where(EP.c.id == endpoint_id).values(
-        enabled=True, disabled_reason=None, updated_at=utcnow()))
+        enabled=True, disabled_reason=None, paused_at=None, updated_at=now))
+    # Due from now: an open circuit's expiry counts from when a delivery became due, and
+    # time spent paused must not count.
+    conn.execute(update(D).where(D.c.endpoint_id == endpoint_id, D.c.status == PENDING,
+                                 D.c.next_attempt_at < now).values(next_attempt_at=now))
+    return get(conn, endpoint_id)
+
+
+def pause(conn: Connection, endpoint_id: str) -> Row[Any]:
+    """Stop sending to the endpoint: its deliveries (and those of events to come) wait, and
+    none fails while it is paused."""
+    row = get(conn, endpoint_id)
+    if row.paused_at is None:
+        now = utcnow()
+        conn.execute(update(EP).where(EP.c.id == endpoint_id).values(
+            paused_at=now, updated_at=now))
+    return get(conn, endpoint_id)
+
+
+def change(conn: Connection, endpoint_id: str, changes: Mapping[str, Any]) -> Row[Any]:
+    """Change an endpoint in place (the fields of CHANGEABLE present in `changes`, already
+    validated): its secret, deliveries and their webhook-ids stay; pending deliveries go to
+    the new URL. `enabled` false pauses it, true resumes (and enables) it."""
+    row = get(conn, endpoint_id)
+    values: dict[str, Any] = {}
+    if "url" in changes and changes["url"] != row.url:
+        if row.from_settings:
+            raise Conflict("this endpoint's URL comes from DLR_FORWARD_URL; change it there")
+        values["url"] = changes["url"]
+    if "events" in changes:
+        values["events"] = ",".join(dict.fromkeys(changes["events"]))
+    if "p_transaction_id_prefix" in changes:
+        values["p_transaction_id_prefix"] = changes["p_transaction_id_prefix"] or None
+    if "description" in changes:
+        values["description"] = changes["description"]
+    if values:
+        conn.execute(update(EP).where(EP.c.id == endpoint_id).values(
+            updated_at=utcnow(), **values))
+    if changes.get("enabled") is True:
+        return enable(conn, endpoint_id)
+    if changes.get("enabled") is False:
+        return pause(conn, endpoint_id)
     return get(conn, endpoint_id)
 
 
 def replay(conn: Connection, endpoint_id: str, *, since: datetime, until: datetime) -> int:
-    """Queue every stored event of [since, until) that the endpoint takes, again, with its
-    original webhook-id. Events already pending for the endpoint are not queued twice."""
+    """Queue every stored event of [since, until) that the endpoint's filters take, again,
+    with its original webhook-id, whatever the endpoint's state was when it happened (events
+    are stored while any endpoint exists). Events already pending for the endpoint are not
+    queued twice. A paused endpoint's replayed deliveries wait for it to resume."""
     row = get(conn, endpoint_id)
     if not row.enabled:
         raise Conflict(f"endpoint {endpoint_id} is disabled ({row.disabled_reason}); "
@@ -136,7 +198,7 @@ def replay(conn: Connection, endpoint_id: str, *, since: datetime, until: dateti
                                 created_at)
         SELECT e.id, ep.id, 'pending', 0, :now, :now
         FROM outbound_events e
-        JOIN endpoints ep ON ep.id = :ep AND {match_sql(conn.dialect.name, "e")}
+        JOIN endpoints ep ON ep.id = :ep AND {filter_sql(conn.dialect.name, "e")}
         WHERE e.occurred_at >= :since AND e.occurred_at < :until
           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                           AND d.endpoint_id = :ep AND d.status = '{PENDING}')
@@ -148,13 +210,24 @@ def replay(conn: Connection, endpoint_id: str, *, since: datetime, until: dateti
 
 def sync_settings(conn: Connection, settings: Settings) -> None:
     """Keep the endpoint of DLR_FORWARD_URL / DLR_FORWARD_SECRET in step with the settings:
-    created or updated when set, removed when unset. Safe when replicas start together."""
-    if settings.forward_url is None or settings.forward_secret is None:
-        conn.execute(delete(EP).where(EP.c.id == SETTINGS_ID))
-        return
+    created or updated when set. A changed secret is rotated as `rotate` does (the old one
+    keeps signing for 24 h). When unset, the endpoint is kept, disabled with the reason
+    (its pending deliveries wait; nothing new is queued), and no longer managed by the
+    settings: the user may remove it. Safe when replicas start together."""
     now = utcnow()
-    values = {"url": settings.forward_url, "secret": settings.forward_secret.get_secret_value()}
     current = conn.execute(select(EP).where(EP.c.id == SETTINGS_ID).with_for_update()).first()
+    if settings.forward_url is None or settings.forward_secret is None:
+        if current is not None and current.from_settings:
+            conn.execute(update(EP).where(EP.c.id == SETTINGS_ID).values(
+                enabled=False, disabled_reason=SETTINGS_UNSET, from_settings=False,
+                updated_at=now))
+            log.warning("forwarding: DLR_FORWARD_URL is no longer set; endpoint %s (%s) is "
+                        "kept, disabled, with its pending deliveries; remove it with "
+                        "`dlr endpoints remove %s` if it is not wanted", SETTINGS_ID,
+                        current.url, SETTINGS_ID)
+        return
+    values: dict[str, Any] = {"url": settings.forward_url,
+                              "secret": settings.forward_secret.get_secret_value()}
     if current is None:
         if conn.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -166,7 +239,14 @@ def sync_settings(conn: Connection, settings: Settings) -> None:
         else:
             create(conn, endpoint_id=SETTINGS_ID, url=values["url"], secret=values["secret"],
                    description="from DLR_FORWARD_URL", from_settings=True)
-    elif (current.url, current.secret) != (values["url"], values["secret"]):
+        return
+    if current.secret != values["secret"]:
+        values["previous_secrets"] = retired(current, now)
+    if not current.from_settings:
+        values["from_settings"] = True
+        if current.disabled_reason == SETTINGS_UNSET:
+            values.update(enabled=True, disabled_reason=None)
+    if any(getattr(current, k) != v for k, v in values.items()):
         conn.execute(update(EP).where(EP.c.id == SETTINGS_ID).values(updated_at=now, **values))
 
 

@@ -16,9 +16,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Select, Table, and_, case, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 
-from app.store.db import stamper
+from app.store.db import UTCDateTime, stamper
 from app.store.models import Delivery, DeliveryAttempt, Endpoint, OutboundEvent
 
 D = cast(Table, Delivery.__table__)
@@ -212,12 +224,14 @@ def pull_forward(conn: Connection, endpoint_ids: Iterable[str], now: datetime) -
 
 def expire(conn: Connection, endpoint_ids: Iterable[str], older_than: datetime,
            now: datetime) -> None:
-    """Deliveries held back by an open circuit for longer than the whole retry schedule
-    fail, as they would have after their last retry."""
+    """Deliveries held back by an open circuit (due and unsent) since before `older_than`
+    (now minus the whole retry schedule) fail, as they would have after their last retry.
+    Counted from when each became due, not from its creation: a manual retry (due now) gets
+    its attempt."""
     ids = list(endpoint_ids)
     if ids:
         conn.execute(update(D).where(
-            D.c.endpoint_id.in_(ids), D.c.status == PENDING, D.c.created_at < older_than,
+            D.c.endpoint_id.in_(ids), D.c.status == PENDING, D.c.next_attempt_at < older_than,
             or_(D.c.lease_until.is_(None), D.c.lease_until <= now))
             .values(status=FAILED, finished_at=now,
                     last_error="not sent: the endpoint kept failing for the whole "
@@ -236,3 +250,37 @@ def backlog(conn: Connection, now: datetime) -> dict[str, Backlog]:
     rows = conn.execute(select(D.c.endpoint_id, func.count(), due, func.min(D.c.created_at))
                         .where(D.c.status == PENDING).group_by(D.c.endpoint_id))
     return {r[0]: Backlog(int(r[1]), int(r[2] or 0), r[3]) for r in rows}
+
+
+# The endpoints (enabled, not paused) that have a due, unleased delivery: one statement, its
+# cost following the endpoints with pending deliveries, not all endpoints. It walks the due
+# index (endpoint_id, next_attempt_at WHERE status = 'pending') from one endpoint id to the
+# next (a loose index scan, which neither database does by itself), and looks at each one's
+# oldest due rows. The 'pending' literals let both databases use that partial index.
+_DUE_ENDPOINTS = text("""
+WITH RECURSIVE walk(id) AS (
+    SELECT (SELECT endpoint_id FROM deliveries WHERE status = 'pending'
+            ORDER BY endpoint_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT d.endpoint_id FROM deliveries d
+            WHERE d.status = 'pending' AND d.endpoint_id > walk.id
+            ORDER BY d.endpoint_id LIMIT 1)
+    FROM walk WHERE walk.id IS NOT NULL
+)
+SELECT walk.id FROM walk JOIN endpoints ep ON ep.id = walk.id
+WHERE ep.enabled AND ep.paused_at IS NULL AND EXISTS (
+    SELECT 1 FROM deliveries d WHERE d.endpoint_id = walk.id AND d.status = 'pending'
+    AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now))
+""").bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+def due_endpoints(conn: Connection, now: datetime) -> set[str]:
+    """Which endpoints have work for a claim now (see _DUE_ENDPOINTS)."""
+    return set(conn.execute(_DUE_ENDPOINTS, {"now": now}).scalars())
+
+
+def endpoints_version(conn: Connection) -> tuple[Any, ...]:
+    """Changes whenever an endpoint is added, removed or changed (each change sets
+    updated_at): a cheap check before reloading every endpoint."""
+    return tuple(conn.execute(select(func.count(), func.max(EP.c.updated_at))
+                              .select_from(EP)).one())

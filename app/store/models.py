@@ -166,6 +166,10 @@ class Endpoint(Base):
     from_settings: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Set while the user has paused it (PATCH enabled=false): deliveries are still created
+    # and wait; none is attempted or fails. `enabled` false is a 410 (or an unset
+    # DLR_FORWARD_URL): no deliveries are created; events are still stored for a replay.
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class OutboundEvent(Base):

@@ -3,11 +3,16 @@ callback's own transaction (`Outbox.enqueue`, `write_events`): an acknowledged c
 always has its deliveries stored.
 
 It is on the ingest hot path, so it speaks SQL directly and fans out set-based: whether any
-endpoint is enabled is asked inside the events insert of the write path (none: nothing else
+endpoint exists is asked inside the events insert of the write path (none: nothing else
 happens, nothing is serialised), then the events and one delivery per matching endpoint are
 written by one statement on PostgreSQL and two on SQLite. Whether an endpoint matches is
 decided in SQL in the same transaction, never from a cache, so an endpoint created a moment
 ago is not missed.
+
+Every event is stored while any endpoint exists, whatever its state or filters: a replay
+(app/forward/endpoints.py) can then bring back what an endpoint missed while it was disabled
+by a 410, or what its filters took only after a change. Deliveries are created for enabled
+endpoints (paused ones included: theirs wait), never for disabled ones.
 """
 
 from __future__ import annotations
@@ -52,15 +57,22 @@ def body(event: ForwardEvent) -> str:
                        "data": event.data}, separators=(",", ":"))
 
 
-def match_sql(dialect: str, event: str) -> str:
-    """SQL: endpoint `ep` takes event row `event` (its type subscribed, its prefix matched)."""
+def filter_sql(dialect: str, event: str) -> str:
+    """SQL: endpoint `ep`'s filters take event row `event` (its type subscribed, its prefix
+    matched), whatever the endpoint's state."""
     contains = "strpos" if dialect == "postgresql" else "instr"
-    return (f"ep.enabled AND {contains}(',' || ep.events || ',', ',' || {event}.type || ',') > 0"
+    return (f"{contains}(',' || ep.events || ',', ',' || {event}.type || ',') > 0"
             f" AND (ep.p_transaction_id_prefix IS NULL OR substr({event}.p_transaction_id, 1,"
             f" length(ep.p_transaction_id_prefix)) = ep.p_transaction_id_prefix)")
 
 
-ANY_ENABLED = "SELECT 1 FROM endpoints WHERE enabled LIMIT 1"
+def match_sql(dialect: str, event: str) -> str:
+    """SQL: endpoint `ep` gets a delivery of event row `event`: enabled (paused or not; a
+    paused endpoint's deliveries wait) and its filters take the event."""
+    return f"ep.enabled AND {filter_sql(dialect, event)}"
+
+
+ANY_ENDPOINT = "SELECT 1 FROM endpoints LIMIT 1"
 EVENT_COLUMNS = ("webhook_id", "type", "msg_key", "p_transaction_id", "sequence", "payload",
                  "occurred_at")
 DELIVERY_COLUMNS = "event_id, endpoint_id, status, attempts, next_attempt_at, created_at"
@@ -72,7 +84,7 @@ WITH ev AS (
     SELECT {", ".join(f"r.{c}" for c in EVENT_COLUMNS)}
     FROM json_to_recordset(%s::json) AS r(webhook_id text, type text, msg_key text,
          p_transaction_id text, sequence bigint, payload text, occurred_at timestamptz)
-    WHERE EXISTS (SELECT 1 FROM endpoints ep WHERE {match_sql("postgresql", "r")})
+    WHERE EXISTS ({ANY_ENDPOINT})
     RETURNING id, type, p_transaction_id
 )
 INSERT INTO deliveries ({DELIVERY_COLUMNS})
@@ -80,7 +92,7 @@ SELECT ev.id, ep.id, 'pending', 0, %s, %s
 FROM ev JOIN endpoints ep ON {match_sql("postgresql", "ev")}
 """
 
-# SQLite: the events (only those some endpoint takes), then their deliveries by id range.
+# SQLite: the events (all, while any endpoint exists), then their deliveries by id range.
 # The range is exact: SQLite has one writer, and this transaction holds the write lock.
 SQLITE_DELIVERIES = f"""
 INSERT INTO deliveries ({DELIVERY_COLUMNS})
@@ -100,13 +112,13 @@ def _sqlite_events(rows: int) -> str:
     named = ", ".join(f"column{i} AS {c}" for i, c in enumerate(EVENT_COLUMNS, start=1))
     return (f"INSERT INTO outbound_events ({names}) SELECT {names} "
             f"FROM (SELECT {named} FROM (VALUES {values})) AS r "
-            f"WHERE EXISTS (SELECT 1 FROM endpoints ep WHERE {match_sql('sqlite', 'r')})")
+            f"WHERE EXISTS ({ANY_ENDPOINT})")
 
 
 def write_events(conn: Connection, events: Sequence[ForwardEvent]) -> int:
-    """Store the events and one pending delivery per matching enabled endpoint, inside the
-    caller's transaction (the caller commits); how many deliveries were created. Whether an
-    endpoint matches is decided in SQL, so an event no endpoint takes is not stored."""
+    """Store the events (while any endpoint exists) and one pending delivery per matching
+    enabled endpoint, inside the caller's transaction (the caller commits); how many
+    deliveries were created. Whether an endpoint matches is decided in SQL."""
     now = utcnow()
     if conn.dialect.name == "postgresql":
         batch = json.dumps([
@@ -131,12 +143,13 @@ def write_events(conn: Connection, events: Sequence[ForwardEvent]) -> int:
 
 
 class Outbox:
-    """The write path's view of forwarding (`app.store.write.Forwarding`): whether any endpoint
-    listens, and the committed changes turned into events."""
+    """The write path's view of forwarding (`app.store.write.Forwarding`): whether events
+    must be stored (any endpoint exists, enabled, paused or disabled), and the committed
+    changes turned into events."""
 
     # Asked by the write path inside the statement that inserts the events (RETURNING), so
     # knowing whether anyone listens costs no round trip of its own.
-    active_sql = f"EXISTS ({ANY_ENABLED})"
+    active_sql = f"EXISTS ({ANY_ENDPOINT})"
 
     def enqueue(self, conn: Connection, changes: Sequence[Any]) -> int:
         # The write path asked `active_sql` in this same transaction just before (it only has

@@ -105,8 +105,6 @@ async def test_rotate_secret_shows_the_new_one_once(api, engine: Engine) -> None
 
 async def test_endpoint_from_settings_is_kept_in_step(settings: Settings, engine: Engine,
                                                      app_with: AppFactory) -> None:
-    from app.forward.dispatcher import Forwarder
-
     async with client_for(await app_with(forward_url="http://127.0.0.1:9/from-env",
                                          forward_secret=SECRET)) as c:
         listed = (await c.get("/api/v1/endpoints")).json()["items"]
@@ -117,11 +115,69 @@ async def test_endpoint_from_settings_is_kept_in_step(settings: Settings, engine
         assert (await c.post(f"/api/v1/endpoints/{ep}/rotate-secret")).status_code == 409
     with engine.connect() as conn:
         assert endpoints.get(conn, ep).secret == SECRET
-    # Unset in the settings: gone at the next start.
-    forwarder = Forwarder(engine, make_settings(database_url=settings.database_url))
-    await forwarder.start()
-    await forwarder.close()
-    assert count(engine, Endpoint) == 0
+
+
+async def test_unset_forward_url_keeps_the_endpoint_disabled_with_its_deliveries(
+        settings: Settings, engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    from app.forward.dispatcher import Forwarder
+
+    async def start(**values: str) -> None:
+        forwarder = Forwarder(engine, make_settings(database_url=settings.database_url,
+                                                    **values))
+        await forwarder.start()
+        await forwarder.close()
+
+    await start(forward_url="http://127.0.0.1:9/from-env", forward_secret=SECRET)
+    with engine.begin() as conn:  # as if the receiver had been down
+        conn.execute(Endpoint.__table__.update().values(paused_at=datetime.now(UTC)))
+    emit(engine, [status_event("m-1", "delivered")])
+    with caplog.at_level("WARNING", logger="app.forward.endpoints"):
+        await start()  # DLR_FORWARD_URL unset: kept, disabled, with one warning
+        await start()  # and no second one at the next start
+    warnings = [r for r in caplog.records if r.name == "app.forward.endpoints"]
+    assert len(warnings) == 1 and "DLR_FORWARD_URL is no longer set" in warnings[0].message
+    with engine.connect() as conn:
+        row = endpoints.get(conn, endpoints.SETTINGS_ID)
+    assert (row.enabled, row.disabled_reason, row.from_settings) == (
+        False, "DLR_FORWARD_URL is no longer set", False)
+    assert [d.status for d in _all(engine, Delivery)] == ["pending"]
+    emit(engine, [status_event("m-2", "delivered")])  # stored for a replay, not queued
+    assert count(engine, OutboundEvent) == 2 and count(engine, Delivery) == 1
+    # Set again: managed by the settings and enabled once more.
+    await start(forward_url="http://127.0.0.1:9/from-env", forward_secret=SECRET)
+    with engine.connect() as conn:
+        row = endpoints.get(conn, endpoints.SETTINGS_ID)
+    assert (row.enabled, row.from_settings) == (True, True)
+    # Unset again: no longer from the settings, so the user may remove it.
+    await start()
+    with engine.begin() as conn:
+        endpoints.remove(conn, endpoints.SETTINGS_ID)
+    assert count(engine, Endpoint) == 0 and count(engine, Delivery) == 0
+
+
+async def test_a_changed_forward_secret_signs_beside_the_old_one_for_a_day(
+        settings: Settings, engine: Engine) -> None:
+    from app.forward.dispatcher import Forwarder
+
+    other = "whsec_" + "b" * 32
+    for secret in (SECRET, other):
+        forwarder = Forwarder(engine, make_settings(
+            database_url=settings.database_url, forward_url="http://127.0.0.1:9/from-env",
+            forward_secret=secret))
+        await forwarder.start()
+        await forwarder.close()
+    with engine.connect() as conn:
+        row = endpoints.get(conn, endpoints.SETTINGS_ID)
+    now = datetime.now(UTC)
+    assert row.secret == other
+    assert endpoints.previous_secrets(row, now) == [SECRET]
+    assert len(endpoints.signing_keys(row, now)) == 2
+    assert len(endpoints.signing_keys(row, now + timedelta(hours=25))) == 1
+
+
+def _all(engine: Engine, table: type) -> list:  # type: ignore[type-arg]
+    with engine.connect() as conn:
+        return list(conn.execute(select(table)))
 
 
 @pytest.mark.parametrize("values, words", [
@@ -225,3 +281,41 @@ async def test_api_needs_access(app: FastAPI) -> None:
     async with client_for(app, peer="203.0.113.9") as c:
         assert (await c.get("/api/v1/endpoints")).status_code == 403
         assert (await c.post("/api/v1/endpoints", json={"url": "http://x/"})).status_code == 403
+
+
+def test_changes_while_disabled_or_paused_are_stored_and_replayable(engine: Engine) -> None:
+    gone = add_endpoint(engine, "http://127.0.0.1:9/gone", events=["message.status"])
+    paused = add_endpoint(engine, "http://127.0.0.1:9/paused")
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    with engine.begin() as conn:
+        conn.execute(Endpoint.__table__.update().where(Endpoint.id == gone.id)
+                     .values(enabled=False, disabled_reason="disabled: 410"))
+        endpoints.pause(conn, paused.id)
+        conn.execute(Endpoint.__table__.delete().where(Endpoint.id == paused.id))
+    # Only a disabled endpoint exists: the change is stored, with no delivery.
+    assert emit(engine, [status_event("m-1", "seen")]) == 0
+    assert count(engine, OutboundEvent) == 1 and count(engine, Delivery) == 0
+    # A paused endpoint gets its delivery (it waits); the disabled one none.
+    paused = add_endpoint(engine, "http://127.0.0.1:9/paused")
+    with engine.begin() as conn:
+        endpoints.pause(conn, paused.id)
+    assert emit(engine, [status_event("m-2", "seen")]) == 1
+    assert _all(engine, Delivery)[0].endpoint_id == paused.id
+    # Enabled again, a replay brings back every change of its window, both included.
+    with engine.begin() as conn:
+        endpoints.enable(conn, gone.id)
+        assert endpoints.replay(conn, gone.id, since=started,
+                                until=datetime.now(UTC) + timedelta(seconds=1)) == 2
+
+
+def test_rotated_secrets_do_not_pile_up(engine: Engine) -> None:
+    ep = add_endpoint(engine, "http://127.0.0.1:9/")
+    with engine.begin() as conn:
+        for _ in range(300):
+            row = endpoints.rotate(conn, ep.id)
+    now = datetime.now(UTC)
+    assert len(endpoints.previous_secrets(row, now)) == endpoints.MAX_PREVIOUS_SECRETS == 3
+    from app.core.webhook_signing import sign
+
+    header = sign(endpoints.signing_keys(row, now), "msg_1", 1, b"{}")
+    assert len(header) < 400 and header.count("v1,") == 4

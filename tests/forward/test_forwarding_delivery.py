@@ -299,3 +299,39 @@ async def test_an_endpoint_no_request_can_be_made_to_stops_no_other(
     with engine.begin() as conn:
         assert deliveries.retry(conn, stuck.id).delivery.status == "pending"
     assert good.id != bad.id
+
+
+@pytest.mark.slow
+async def test_a_round_claims_only_for_endpoints_with_due_deliveries(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    """Many idle endpoints (subscribed to replies only) cost no claim: the work of a round
+    follows the due deliveries, not the number of endpoints; the busy one gets everything."""
+    from sqlalchemy import event
+
+    with engine.begin() as conn:
+        idle = {endpoints.create(conn, url=f"http://127.0.0.1:9/idle-{i}",
+                                 events=["message.reply"]).id for i in range(300)}
+        busy = endpoints.create(conn, url=sink.url, events=["message.status"])
+    claims: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+             executemany: bool) -> None:
+        if "deliveries.endpoint_id = " in statement and "lease_until" in statement:
+            claims.append(str(parameters))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        f = await forwarder()
+        for i in range(10):
+            emit(engine, [status_event(f"m-{i}", "delivered")])
+            f.wake()
+            await asyncio.sleep(0.1)
+        got = await asyncio.to_thread(sink.wait_for, 10)
+        await asyncio.sleep(1.1)  # a poll with nothing due
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(got) == 10 and {r.headers["webhook-id"] for r in got}
+    for r in got:
+        verified(r, busy.secret)
+    assert claims and not [c for c in claims if any(i in c for i in idle)]
+    assert len(claims) <= 30  # one per round that found work for the busy endpoint

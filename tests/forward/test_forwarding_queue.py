@@ -125,3 +125,49 @@ def test_an_answer_with_nul_bytes_is_recorded_whole_and_stops_nothing(engine: En
     shown = answer.replace("\x00", "\ufffd")
     assert response == shown
     assert delivery.last_error == f"HTTP 500: {shown}" and delivery.attempts == 1
+
+
+def test_an_open_circuit_fails_deliveries_only_once_due_for_longer_than_the_schedule(
+        engine: Engine) -> None:
+    """Held back by an open circuit counts from when a delivery became due: an old delivery
+    retried by hand (due now) is attempted, not failed at once."""
+    from app.forward.queue import expire
+
+    ep = add_endpoint(engine, "http://127.0.0.1:9/")
+    emit(engine, [status_event("m-retried", "delivered"), status_event("m-held", "delivered")])
+    ids = {key: i for key, (i, _, _) in _deliveries(engine).items()}
+    now = datetime.now(UTC)
+    span = timedelta(hours=24)
+    with engine.begin() as conn:  # both created two days ago; one retried by hand just now
+        conn.execute(update(Delivery).values(created_at=now - 2 * span,
+                                             next_attempt_at=now - 2 * span))
+        conn.execute(update(Delivery).where(Delivery.id == ids["m-retried"])
+                     .values(next_attempt_at=now))
+        expire(conn, [ep.id], now - span, now)
+    after = _deliveries(engine)
+    assert after["m-retried"][1] == "pending"
+    assert after["m-held"][1] == "failed"
+
+
+def test_due_endpoints_are_those_with_due_unleased_deliveries(engine: Engine) -> None:
+    from app.forward import endpoints
+    from app.forward.queue import due_endpoints
+
+    busy = add_endpoint(engine, "http://127.0.0.1:9/busy")
+    later = add_endpoint(engine, "http://127.0.0.1:9/later")
+    leased = add_endpoint(engine, "http://127.0.0.1:9/leased")
+    paused = add_endpoint(engine, "http://127.0.0.1:9/paused")
+    for i in range(50):  # idle: nothing pending
+        add_endpoint(engine, f"http://127.0.0.1:9/idle-{i}", events=["message.reply"])
+    emit(engine, [status_event("m-1", "delivered")])
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(update(Delivery).where(Delivery.endpoint_id == later.id)
+                     .values(next_attempt_at=now + timedelta(minutes=5)))
+        endpoints.pause(conn, paused.id)
+    _claim(engine, leased.id, 10, now)
+    with engine.connect() as conn:
+        assert due_endpoints(conn, now) == {busy.id}
+        # Once the lease has passed, and the retry come due, those count again.
+        assert due_endpoints(conn, now + LEASE + timedelta(minutes=5)) == {
+            busy.id, later.id, leased.id}
