@@ -37,8 +37,8 @@ class _App:
     /stream    200, two chunks (no length)
     /slow?S    200 after S seconds
     /echo      reads the whole body; answers "<body_received at the start> <body length>"
-    /too-large 413 without reading the body
-    /forbidden 403 without reading the body
+    /too-large?N 413 without reading the body, N bytes of answer
+    /forbidden?N 403 without reading the body, N bytes of answer
     """
 
     def __init__(self) -> None:
@@ -65,10 +65,9 @@ class _App:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
             await _answer(send, 200, b"%s %d" % (str(received).encode(), len(body)))
-        elif path == "/too-large":
-            await _answer(send, 413, b"too large")
-        elif path == "/forbidden":
-            await _answer(send, 403, b"forbidden")
+        elif path in ("/too-large", "/forbidden"):
+            size = int(scope["query_string"] or b"0")
+            await _answer(send, 413 if path == "/too-large" else 403, b"n" * size)
         else:
             await _answer(send, 200, b"hello")
 
@@ -183,7 +182,7 @@ def _get(path: bytes = b"/hello", *headers: bytes) -> bytes:
     return b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (path, b"".join(h + b"\r\n" for h in headers))
 
 
-def _post(path: str, body: bytes, length: int | None = None) -> bytes:
+def _post(path: bytes, body: bytes, length: int | None = None) -> bytes:
     return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
             % (path, len(body) if length is None else length, body))
 
@@ -281,7 +280,7 @@ def test_a_head_trickled_a_byte_at_a_time_does_not_extend_its_deadline(
                 break
         if not closed:
             _seconds_until_closed(sock, started)
-        assert time.monotonic() - started < DEADLINE + MARGIN
+        assert DEADLINE * 0.9 <= time.monotonic() - started < DEADLINE + MARGIN
 
 
 def test_a_head_pipelined_behind_an_answered_request_has_a_deadline(
@@ -337,18 +336,24 @@ def test_the_wait_for_an_answer_does_not_count_against_the_next_heads_deadline(
 @pytest.mark.parametrize(("path", "status"), [(b"/too-large", 413), (b"/forbidden", 403)])
 def test_an_answer_before_the_body_is_in_closes_gently(
         serve: Callable[..., int], path: bytes, status: int) -> None:
-    with _connect(serve()) as sock:
-        sock.sendall(_post(path, b"x" * 10_000, length=1_000_000))
+    # A long answer to a client with a small receive buffer: most of the answer still waits
+    # in the server's send queue when the client goes on sending its body. A server that
+    # closed outright would leave those body bytes unread, and closing with unread bytes
+    # sends a reset that throws away the rest of the answer.
+    size = 256 * 1024
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    with sock:
+        sock.connect(("127.0.0.1", serve()))
+        sock.sendall(_post(b"%s?%d" % (path, size), b"x" * 10_000, length=1_000_000))
         assert select.select([sock], [], [], 5)[0], "no answer"
-        # The answer is in this socket's buffer; the client goes on sending its body. A
-        # server that had closed outright would answer these bytes with a reset, and the
-        # reset would destroy the unread answer.
-        for _ in range(10):
+        for _ in range(5):
             sock.sendall(b"x" * 10_000)
-        time.sleep(0.05)
+        time.sleep(0.1)  # time for a server that closes outright to have done so
         status_got, headers, body = _read_response(sock, bytearray())
         assert (status_got, headers.get("connection")) == (status, "close")
-        assert body in (b"too large", b"forbidden")
+        assert len(body) == size
         # Then the server's end is closed (half-closed: nothing more comes).
         assert _seconds_until_closed(sock, time.monotonic()) < MARGIN
 
@@ -391,23 +396,20 @@ def test_answers_are_byte_correct(serve: Callable[..., int]) -> None:
     # (no body to wait for) and a streamed one, in order on one connection.
     with _connect(serve()) as sock:
         sock.sendall(_get() + b"HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n" + _get(b"/stream"))
-        expected = [
-            b"HTTP/1.1 200 OK\r\n", b"content-type: text/plain\r\ncontent-length: 5\r\n\r\nhello",
-            b"HTTP/1.1 200 OK\r\n", b"content-type: text/plain\r\ncontent-length: 5\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\n", b"transfer-encoding: chunked\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n",
-        ]
+        status_line = b"HTTP/1.1 200 OK\r\n"
+        # uvicorn adds date and server headers between the status line and the app's own.
+        tails = [b"content-type: text/plain\r\ncontent-length: 5\r\n\r\nhello",
+                 b"content-type: text/plain\r\ncontent-length: 5\r\n\r\n",
+                 b"transfer-encoding: chunked\r\n\r\n2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"]
         got = b""
-        while not got.endswith(b"0\r\n\r\n"):
+        while not got.endswith(tails[-1]):
             chunk = sock.recv(65536)
             assert chunk, got
             got += chunk
-        # uvicorn adds date and server headers between the status line and the app's own.
-        parts = got.split(b"HTTP/1.1 ")[1:]
-        assert len(parts) == 3
-        for part, (line, tail) in zip(parts, zip(expected[::2], expected[1::2], strict=True),
-                                      strict=True):
-            assert (b"HTTP/1.1 " + part).startswith(line)
-            assert part.endswith(tail)
+        answers = [status_line + part for part in got.split(status_line)[1:]]
+        assert len(answers) == len(tails) and got.startswith(status_line)
+        for answer, tail in zip(answers, tails, strict=True):
+            assert answer.endswith(tail)
 
 
 # --- body_received --------------------------------------------------------------------------
