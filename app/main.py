@@ -3,13 +3,18 @@ that starts and stops what the app owns (database, write path, sender)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import psycopg
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,6 +38,78 @@ from app.web.api_guard import ApiGuard
 log = logging.getLogger(__name__)
 # The largest API body is an image upload: the image and its multipart framing.
 MULTIPART_OVERHEAD = 64 * 1024
+
+
+# --- errors a request caused ----------------------------------------------------------------
+# A value the database cannot take (a NUL in PostgreSQL text, a lone surrogate, an integer
+# beyond 64 bits in SQLite, text PostgreSQL cannot read as the column's type) is the caller's
+# mistake: 400 naming it, never 503 "database unavailable", which would invite a retry.
+NUL_REFUSED = "a parameter holds a character the database cannot store (NUL)"
+SURROGATE_REFUSED = ("a parameter holds a character the database cannot store "
+                     "(a lone UTF-16 surrogate)")
+NUMBER_REFUSED = "a parameter holds a number too large for the database"
+_DRIVER_MODULES = ("sqlalchemy.", "psycopg.", "psycopg_pool.", "sqlite3.", "app.store.")
+
+
+def _raised_by_driver(exc: BaseException) -> bool:
+    """Whether `exc` came out of database code (the drivers raise encoding errors unwrapped)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(_DRIVER_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _value_refused(exc: BaseException) -> str | None:
+    """The detail to answer when `exc` is the database refusing a value, else None."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        return _value_refused(orig)
+    if isinstance(exc, psycopg.DataError):
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "NUL (0x00)" in first:
+            return NUL_REFUSED
+        return f"a parameter holds a value the database cannot take: {first[:200]}"
+    if isinstance(exc, sqlite3.DataError | sqlite3.InterfaceError):
+        return "a parameter holds a value the database cannot take"
+    if isinstance(exc, UnicodeEncodeError) and _raised_by_driver(exc):
+        return SURROGATE_REFUSED if "surrogate" in exc.reason else (
+            "a parameter holds a character the database cannot store")
+    if isinstance(exc, OverflowError) and _raised_by_driver(exc):
+        return NUMBER_REFUSED
+    return None
+
+
+# A validation answer lists at most this many errors (500,000 junk values once made a 94 MB
+# 422), each with its input only when that is short.
+MAX_VALIDATION_ERRORS = 20
+MAX_INPUT_CHARS = 200
+
+
+def _validation_response(exc: RequestValidationError) -> Response:
+    """FastAPI's 422 `{"detail": [{"loc", "msg", "type", ...}]}`, kept short; non-ASCII is
+    escaped, so an input holding a lone surrogate cannot break the answer."""
+    errors = exc.errors()
+    detail: list[dict[str, Any]] = []
+    for error in itertools.islice(errors, MAX_VALIDATION_ERRORS):
+        item = {"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "")),
+                "type": str(error.get("type", ""))}
+        if "input" in error:
+            try:
+                shown = json.dumps(jsonable_encoder(error["input"]))
+            except (TypeError, ValueError):
+                shown = ""
+            if shown and len(shown) <= MAX_INPUT_CHARS:
+                item["input"] = json.loads(shown)
+        detail.append(item)
+    more = len(errors) - len(detail)
+    if more > 0:
+        detail.append({"loc": [], "msg": f"and {more} more errors not shown",
+                       "type": "too_many_errors"})
+    body = json.dumps({"detail": detail}, ensure_ascii=True, separators=(",", ":"))
+    return Response(body, status_code=422, media_type="application/json")
 
 
 @asynccontextmanager
@@ -111,10 +188,31 @@ def create_app(settings: Settings | None = None, *, tune_process: bool = False) 
     @app.exception_handler(sqlite3.Error)
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(SQLAlchemyError)
-    async def database_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        refused = _value_refused(exc)
+        if refused is not None and not request.url.path.startswith("/dlr"):
+            # The caller's value, not the database, is at fault: retrying cannot help.
+            log.info("refused a value the database cannot take: %s", refused)
+            return JSONResponse({"detail": refused}, status_code=400)
         log.warning("database error: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return JSONResponse({"detail": "database unavailable"}, status_code=503,
                             headers={"Retry-After": "5"})
+
+    @app.exception_handler(UnicodeEncodeError)
+    @app.exception_handler(OverflowError)
+    async def value_not_encodable(request: Request, exc: Exception) -> Response:
+        # The drivers raise these, unwrapped, for a lone surrogate (both) or an integer
+        # beyond 64 bits (SQLite); raised anywhere else they are a bug like any other.
+        refused = _value_refused(exc)
+        if refused is None or request.url.path.startswith("/dlr"):
+            return await unexpected(request, exc)
+        log.info("refused a value the database cannot take: %s", refused)
+        return JSONResponse({"detail": refused}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_response(exc)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _exc: Exception) -> Response:
@@ -125,7 +223,7 @@ def create_app(settings: Settings | None = None, *, tune_process: bool = False) 
         return Response(status_code=400)
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(_request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):  # pragma: no cover - FastAPI handles these
             raise exc
         log.exception("unhandled error")

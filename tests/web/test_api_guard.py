@@ -4,6 +4,7 @@ has a size limit and a read deadline. A client that goes away mid-body is no err
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -111,3 +112,78 @@ async def test_a_client_gone_mid_body_is_an_info_line_not_an_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("disconnected" in r.getMessage() and r.levelno == logging.INFO
                for r in caplog.records)
+
+
+# --- each route's own limit, and short error answers -------------------------------------------
+
+async def test_every_other_api_body_is_held_to_64_kib(app_with: AppFactory) -> None:
+    app = await app_with(api_keys="k1")
+    key = {"x-api-key": "k1", "content-type": "application/json"}
+    junk = b'{"url": "https://example.com/", "events": [' + b'"x",' * 30000 + b'"x"]}'
+    assert len(junk) > 64 * 1024
+    for path in ("/api/v1/endpoints", "/api/v1/endpoints/1/replay",
+                 "/api/v1/deliveries/1/retry"):
+        status, body, asked = await call(app, "POST", path,
+                                         key | {"content-length": str(len(junk))}, [junk])
+        assert (status, asked) == (413, 0), path
+        assert b"65536" in body and len(body) < 200
+    for path in ("/api/v1/endpoints", "/api/v1/endpoints/1/replay"):
+        # Chunked: refused once 64 KiB have come, whatever follows.
+        status, _, asked = await call(app, "POST", path, key, [b" " * 16384] * 100)
+        assert status == 413 and asked < 10, path
+    status, _, asked = await call(app, "PATCH", "/api/v1/endpoints/1",
+                                  key | {"content-length": str(len(junk))}, [junk])
+    assert (status, asked) == (413, 0)
+
+
+async def test_a_send_may_carry_up_to_1_mib_and_an_upload_its_own_limit(
+        app_with: AppFactory) -> None:
+    app = await app_with(api_keys="k1", upload_max_bytes=3_000_000)
+    key = {"x-api-key": "k1", "content-type": "application/json"}
+    # 900 KB of JSON is read (and answered on its merits), 1.1 MB is not.
+    status, _, _ = await call(app, "POST", "/api/v1/messages", key,
+                              [b"[" + b" " * 900_000 + b"]"])
+    assert status not in (413, 500)
+    status, _, asked = await call(app, "POST", "/api/v1/messages",
+                                  key | {"content-length": "1100000"}, [b" " * 1_100_000])
+    assert (status, asked) == (413, 0)
+    form = {"x-api-key": "k1", "content-type": "multipart/form-data; boundary=b"}
+    part = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + b"x" * 2_000_000 + b"\r\n--b--\r\n")
+    status, _, _ = await call(app, "POST", "/api/v1/images", form, [part])
+    assert status != 413  # within DLR_UPLOAD_MAX_BYTES (then refused: no partner account)
+
+
+async def test_a_validation_answer_lists_at_most_20_errors(app_with: AppFactory) -> None:
+    app = await app_with(api_keys="k1")
+    body = ('{"url": "https://example.com/", "events": ['
+            + ",".join(f'"junk{i}"' for i in range(1000)) + "]}").encode()
+    status, answer, _ = await call(app, "POST", "/api/v1/endpoints",
+                                   {"x-api-key": "k1", "content-type": "application/json"},
+                                   [body])
+    assert status == 422
+    detail = json.loads(answer)["detail"]
+    assert 1 <= len(detail) <= 21
+    assert all({"loc", "msg", "type"} <= set(item) for item in detail)
+    assert len(answer) < 8192
+
+
+def test_the_validation_answer_keeps_fastapi_shape_and_says_how_many_more() -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    from app.main import MAX_VALIDATION_ERRORS, _validation_response
+
+    errors = [{"loc": ("body", "events", i), "msg": "bad", "type": "literal_error",
+               "input": f"junk{i}"} for i in range(500_000)]
+    errors[0]["input"] = "x" * 100_000  # a long input is left out
+    errors[1]["input"] = "a\ud800b"  # a lone surrogate cannot break the answer
+    response = _validation_response(RequestValidationError(errors))
+    assert response.status_code == 422
+    detail = json.loads(bytes(response.body))["detail"]
+    assert len(detail) == MAX_VALIDATION_ERRORS + 1
+    assert detail[0] == {"loc": ["body", "events", 0], "msg": "bad", "type": "literal_error"}
+    assert detail[1]["input"] == "a\ud800b"
+    assert detail[2]["input"] == "junk2"
+    assert detail[-1] == {"loc": [], "msg": f"and {500_000 - MAX_VALIDATION_ERRORS} more "
+                          "errors not shown", "type": "too_many_errors"}
+    assert len(response.body) < 4096
