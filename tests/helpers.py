@@ -118,7 +118,7 @@ def wipe(engine: Engine) -> None:
 def client_for(app: FastAPI, peer: str = "127.0.0.1") -> httpx.AsyncClient:
     """An in-process client whose requests come from `peer` (the access rules read it)."""
     transport = httpx.ASGITransport(app=app, client=(peer, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1")
 
 
 # --- servers -----------------------------------------------------------------------------------

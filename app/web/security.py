@@ -8,6 +8,7 @@ import ipaddress
 import secrets
 from collections.abc import Callable
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request, status
 from itsdangerous import BadSignature, TimestampSigner
@@ -128,6 +129,66 @@ def check_api_access(request: Request) -> None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "no API keys are configured: loopback clients only"
         )
+    check_loopback_browser(request)
+
+
+# Without API keys, a loopback peer is not enough: any web page open in a browser on this
+# machine can make it send requests here. A page on a rebinding domain (evil.example resolving
+# to 127.0.0.1) reads answers as its own, and a plain form on any site can POST. So, without
+# keys, the request must also be addressed to a loopback name (a rebound request carries the
+# attacker's host name), and a request the browser marks as coming from another site is
+# refused: `Sec-Fetch-Site: cross-site`, and for a method that changes something, an `Origin`
+# that is not a loopback origin (older browsers send no Sec-Fetch-Site).
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost`, `*.localhost`, an address in 127.0.0.0/8 or `[::1]`, with or without a
+    port (a Host header's spelling; a trailing dot and letter case do not matter)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+    else:
+        name, colon, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+        if colon and not port.isdigit():
+            return False
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    addr = _parse(name)
+    return addr is not None and addr.is_loopback
+
+
+def _loopback_origin(origin: str) -> bool:
+    try:
+        parts = urlsplit(origin)
+        netloc = parts.netloc
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(netloc) and is_loopback_host(netloc)
+
+
+def check_loopback_browser(request: Request) -> None:
+    """Raise 403 unless the request is addressed to a loopback name and no browser marks it as
+    sent by another site. (A request without a Host header, from HTTP/1.0 tools, passes.)"""
+    host = request.headers.get("host")
+    if host is not None and not is_loopback_host(host):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "no API keys are configured: requests must be addressed to localhost or a "
+            f"loopback address, not {host[:100]!r} (set DLR_API_KEYS to serve other names)")
+    if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            "no API keys are configured: cross-site requests are refused")
+    origin = request.headers.get("origin")
+    if (request.method not in _SAFE_METHODS and origin is not None
+            and not _loopback_origin(origin)):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"no API keys are configured: requests from the web origin {origin[:100]!r} are "
+            "refused (only pages served from localhost or a loopback address may send)")
 
 
 # Dashboard sessions. The cookie holds a random id, a timestamp and a signature whose key is

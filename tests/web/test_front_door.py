@@ -96,7 +96,7 @@ async def test_an_unexpected_error_is_the_same_json_500_everywhere(
     monkeypatch.setattr(f"{target}.{attribute}", broken)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False,
                                     client=("127.0.0.1", 40000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
         r = await c.get(path)
     assert r.status_code == 500
     assert r.headers["content-type"] == "application/json"
