@@ -29,7 +29,11 @@ class Listed:
 
 def _columns() -> list[Any]:
     return [*D.c, E.c.webhook_id, E.c.type.label("event_type"), E.c.sequence,
-            E.c.occurred_at, E.c.payload]
+            E.c.occurred_at, E.c.payload, EP.c.paused_at.label("endpoint_paused_at")]
+
+
+def _source() -> Any:
+    return D.join(E, E.c.id == D.c.event_id).join(EP, EP.c.id == D.c.endpoint_id)
 
 
 def _listed(conn: Connection, rows: list[Row[Any]]) -> list[Listed]:
@@ -46,7 +50,7 @@ def page(conn: Connection, *, endpoint_id: str | None = None, status: str | None
          msg_id: str | None = None, limit: int = 50, before: int | None = None,
          ) -> tuple[list[Listed], int | None]:
     """Newest first; returns the items and the cursor (a delivery id) of the next page."""
-    stmt = select(*_columns()).join(E, E.c.id == D.c.event_id)
+    stmt = select(*_columns()).select_from(_source())
     if endpoint_id is not None:
         stmt = stmt.where(D.c.endpoint_id == endpoint_id)
     if status is not None:
@@ -62,7 +66,7 @@ def page(conn: Connection, *, endpoint_id: str | None = None, status: str | None
 
 
 def one(conn: Connection, delivery_id: int) -> Listed:
-    row = conn.execute(select(*_columns()).join(E, E.c.id == D.c.event_id)
+    row = conn.execute(select(*_columns()).select_from(_source())
                        .where(D.c.id == delivery_id)).first()
     if row is None:
         raise NotFound(f"no delivery {delivery_id}")
@@ -77,11 +81,13 @@ def retry(conn: Connection, delivery_id: int) -> Listed:
     if current.status == PENDING and current.lease_until is not None \
             and current.lease_until > now:
         raise Conflict(f"delivery {delivery_id} is being attempted right now")
-    endpoint = conn.execute(select(EP.c.enabled, EP.c.disabled_reason)
+    endpoint = conn.execute(select(EP.c.enabled, EP.c.disabled_reason, EP.c.paused_at)
                             .where(EP.c.id == current.endpoint_id)).one()
     if not endpoint.enabled:
         raise Conflict(f"endpoint {current.endpoint_id} is disabled "
                        f"({endpoint.disabled_reason}); enable it first")
+    if endpoint.paused_at is not None:
+        raise Conflict(f"endpoint {current.endpoint_id} is paused; resume it first")
     conn.execute(update(D).where(D.c.id == delivery_id).values(
         status=PENDING, next_attempt_at=now, finished_at=None, lease_until=None,
         lease_token=None))

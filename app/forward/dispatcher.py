@@ -461,14 +461,7 @@ class Forwarder:
     async def _attempt(self, lane: Lane, claim: Claim) -> None:
         assert self._client is not None
         attempted_at = utcnow()
-        timestamp = int(time.time())
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"webhook-id", claim.webhook_id.encode()),
-            (b"webhook-timestamp", str(timestamp).encode()),
-            (b"webhook-signature", sign(lane.endpoint.keys, claim.webhook_id, timestamp,
-                                        claim.payload).encode()),
-        ]
+        headers = signed_headers(lane.endpoint.keys, claim.webhook_id, claim.payload)
         code: int | None = None
         response: str | None = None
         started = time.perf_counter()
@@ -563,6 +556,57 @@ class Forwarder:
             lane.exhausted = False
             if self._wake is not None:
                 self._wake.set()
+
+
+def signed_headers(keys: Sequence[bytes], webhook_id: str, payload: bytes
+                   ) -> list[tuple[bytes, bytes]]:
+    """A request's headers per Standard Webhooks, signed with every key (new and previous)."""
+    timestamp = int(time.time())
+    return [
+        (b"content-type", b"application/json"),
+        (b"webhook-id", webhook_id.encode()),
+        (b"webhook-timestamp", str(timestamp).encode()),
+        (b"webhook-signature", sign(keys, webhook_id, timestamp, payload).encode()),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What one request outside the queue (a test event) came to."""
+
+    status_code: int | None
+    ok: bool
+    latency_ms: float
+    error: str | None
+    response: str | None
+
+
+async def send_once(url: str, keys: Sequence[bytes], webhook_id: str, payload: bytes,
+                    timeout: float) -> Sent:
+    """POST one signed payload now, on a client of its own, and say what came of it."""
+    client = WebhookClient()
+    code: int | None = None
+    response: str | None = None
+    error: str | None = None
+    started = time.perf_counter()
+    try:
+        target = Target.parse(url)
+        async with asyncio.timeout(timeout):
+            code, kept = await client.post(target, payload,
+                                           signed_headers(keys, webhook_id, payload),
+                                           keep=BODY_KEPT)
+        response = kept.decode("utf-8", "replace")
+    except TimeoutError:
+        error = f"timeout: no complete answer within {timeout:g} s"
+    except Exception as exc:  # noqa: BLE001 - OSError, ClientError, a URL no request fits
+        error = (f"{type(exc).__name__}: {exc}" if str(exc)
+                 else type(exc).__name__)[:BODY_KEPT]
+    finally:
+        await client.aclose()
+    ok = code is not None and 200 <= code < 300
+    if code is not None and not ok:
+        error = f"HTTP {code}" + (f": {response[:200]}" if response else "")
+    return Sent(code, ok, round((time.perf_counter() - started) * 1000, 3), error, response)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -319,3 +320,109 @@ def test_rotated_secrets_do_not_pile_up(engine: Engine) -> None:
 
     header = sign(endpoints.signing_keys(row, now), "msg_1", 1, b"{}")
     assert len(header) < 400 and header.count("v1,") == 4
+
+
+async def test_patch_changes_an_endpoint_in_place(api, engine: Engine) -> None:
+    async with api as c:
+        made = (await c.post("/api/v1/endpoints", json={"url": "http://127.0.0.1:9/a"})).json()
+        ep = made["id"]
+        emit(engine, [status_event("m-1", "delivered")])
+        before = _all(engine, Delivery)
+        r = await c.patch(f"/api/v1/endpoints/{ep}", json={
+            "url": "http://127.0.0.1:9/b", "events": ["message.reply"],
+            "p_transaction_id_prefix": "camp-", "description": "CRM"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["url"], body["events"], body["p_transaction_id_prefix"],
+                body["description"]) == ("http://127.0.0.1:9/b", ["message.reply"], "camp-",
+                                         "CRM")
+        assert body["enabled"] and not body["paused"]
+        # The secret, the deliveries and their webhook-ids stay.
+        with engine.connect() as conn:
+            assert endpoints.get(conn, ep).secret == made["secret"]
+        assert [(d.id, d.event_id, d.status) for d in _all(engine, Delivery)] == [
+            (d.id, d.event_id, d.status) for d in before]
+        # null clears the prefix; url, events and enabled cannot be null; nothing is a 422.
+        r = await c.patch(f"/api/v1/endpoints/{ep}", json={"p_transaction_id_prefix": None})
+        assert r.status_code == 200 and r.json()["p_transaction_id_prefix"] is None
+        for bad in ({}, {"url": None}, {"events": []}, {"enabled": None}, {"secret": "x"},
+                    {"url": "http://169.254.169.254/"}, {"url": "http://a..b/"}):
+            r = await c.patch(f"/api/v1/endpoints/{ep}", json=bad)
+            assert r.status_code == 422, (bad, r.text)
+        assert (await c.patch("/api/v1/endpoints/ep_missing",
+                              json={"enabled": False})).status_code == 404
+
+
+async def test_pause_and_resume_through_the_api(api, engine: Engine) -> None:
+    async with api as c:
+        ep = (await c.post("/api/v1/endpoints", json={"url": "http://127.0.0.1:9/"})).json()["id"]
+        r = await c.patch(f"/api/v1/endpoints/{ep}", json={"enabled": False})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["enabled"], body["paused"], body["disabled_reason"]) == (
+            False, True, "paused")
+        assert body["paused_at"] is not None
+        emit(engine, [status_event("m-1", "delivered")])  # queued while paused
+        (delivery,) = _all(engine, Delivery)
+        assert delivery.status == "pending"
+        listed = (await c.get("/api/v1/deliveries")).json()["items"]
+        assert listed[0]["endpoint_paused"] is True
+        # A paused endpoint's delivery is not retried by hand: resume it first.
+        r = await c.post(f"/api/v1/deliveries/{delivery.id}/retry")
+        assert r.status_code == 409 and "paused" in r.json()["detail"]
+        r = await c.patch(f"/api/v1/endpoints/{ep}", json={"enabled": True})
+        assert r.json()["enabled"] and not r.json()["paused"]
+
+
+async def test_the_settings_endpoint_takes_no_new_url_but_may_be_paused(
+        app_with: AppFactory) -> None:
+    async with client_for(await app_with(forward_url="http://127.0.0.1:9/from-env",
+                                         forward_secret=SECRET)) as c:
+        ep = (await c.get("/api/v1/endpoints")).json()["items"][0]["id"]
+        r = await c.patch(f"/api/v1/endpoints/{ep}", json={"url": "http://127.0.0.1:9/other"})
+        assert r.status_code == 409 and "DLR_FORWARD_URL" in r.json()["detail"]
+        r = await c.patch(f"/api/v1/endpoints/{ep}", json={"enabled": False})
+        assert r.status_code == 200 and r.json()["paused"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("description", "a\u0000b"), ("description", "a\ud800b"),
+    ("url", "http://example.com/\ud800"), ("url", "http://example.com/\u0000"),
+    ("p_transaction_id_prefix", "camp\u0000"), ("p_transaction_id_prefix", "\udc00"),
+    ("p_transaction_id_prefix", "x" * 256), ("url", "http://" + "a" * 64 + ".example/"),
+    ("url", "http://a..b/"), ("description", "d" * 1001),
+])
+async def test_odd_endpoint_fields_are_a_422_with_the_reason(api, engine: Engine,
+                                                             field: str, value: str) -> None:
+    body = {"url": "http://127.0.0.1:9/", field: value}
+    raw = json.dumps(body).encode()  # \u escapes: a lone surrogate survives the JSON
+    async with api as c:
+        r = await c.post("/api/v1/endpoints", content=raw,
+                         headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert field in json.dumps(r.json())
+        ep = add_endpoint(engine, "http://127.0.0.1:9/")
+        r = await c.patch(f"/api/v1/endpoints/{ep.id}", content=json.dumps({field: value}),
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+    assert count(engine, Endpoint) == 1
+
+
+async def test_many_event_names_get_a_short_422(api) -> None:
+    async with api as c:
+        r = await c.post("/api/v1/endpoints", json={
+            "url": "http://127.0.0.1:9/", "events": ["message.status"] * 1000})
+        assert r.status_code == 422 and len(r.content) < 2000
+        assert "at most 8" in r.text
+
+
+async def test_odd_ids_and_filters_are_not_a_server_error(api) -> None:
+    async with api as c:
+        for path in ("/api/v1/endpoints/a%00b", "/api/v1/endpoints/%ED%A0%80",
+                     "/api/v1/endpoints/" + "x" * 300):
+            assert (await c.get(path)).status_code == 404, path
+            assert (await c.patch(path, json={"enabled": False})).status_code == 404, path
+            assert (await c.post(path + "/test")).status_code == 404, path
+        for query in ("endpoint_id=a%00b", "msg_id=%00"):
+            r = await c.get(f"/api/v1/deliveries?{query}")
+            assert r.status_code == 422 and "NUL" in r.text, query

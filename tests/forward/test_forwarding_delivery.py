@@ -335,3 +335,119 @@ async def test_a_round_claims_only_for_endpoints_with_due_deliveries(
         verified(r, busy.secret)
     assert claims and not [c for c in claims if any(i in c for i in idle)]
     assert len(claims) <= 30  # one per round that found work for the busy endpoint
+
+
+async def test_a_paused_endpoint_keeps_its_deliveries_waiting_until_resumed(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    ep = add_endpoint(engine, sink.url)
+    with engine.begin() as conn:
+        endpoints.pause(conn, ep.id)
+    f = await forwarder(forward_retry_schedule="0.1")
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(3)])
+    f.wake()
+    await asyncio.sleep(1.5)  # a poll and more: nothing is sent, nothing fails
+    assert sink.requests() == []
+    assert {d.status for d in rows(engine, Delivery)} == {"pending"}
+    assert rows(engine, DeliveryAttempt) == []
+    with engine.begin() as conn:
+        endpoints.change(conn, ep.id, {"enabled": True})
+    f.wake()
+    got = await asyncio.to_thread(sink.wait_for, 3)
+    assert len({r.webhook_id for r in got}) == 3
+    for r in got:
+        verified(r, ep.secret)
+
+
+async def test_a_new_url_takes_the_pending_deliveries_with_their_webhook_ids(
+        engine: Engine, forwarder: Any) -> None:
+    with running_sink() as old, running_sink() as new:
+        old.answer = lambda n, h, b: 500
+        ep = add_endpoint(engine, old.url)
+        f = await forwarder(forward_retry_schedule="0.5,0.5,0.5,0.5")
+        emit(engine, [status_event("m-1", "delivered")])
+        f.wake()
+        (first,) = await asyncio.to_thread(old.wait_for, 1)
+        with engine.begin() as conn:
+            endpoints.change(conn, ep.id, {"url": new.url})
+        (moved,) = await asyncio.to_thread(new.wait_for, 1)
+        assert moved.webhook_id == first.webhook_id and moved.body == first.body
+        verified(moved, ep.secret)
+
+
+@pytest.mark.slow
+async def test_a_manual_retry_after_the_circuit_opened_is_attempted(
+        engine: Engine, sink: Sink, forwarder: Any) -> None:
+    add_endpoint(engine, sink.url)
+    sink.answer = lambda n, h, b: 500
+    f = await forwarder(forward_concurrency="1", forward_retry_schedule="3600")
+    emit(engine, [status_event(f"m-{i}", "delivered") for i in range(5)])
+    f.wake()
+    assert len(await asyncio.to_thread(sink.wait_for, 5)) == 5  # the circuit opens
+    assert await eventually(lambda: f.circuits())
+    assert await eventually(lambda: len(rows(engine, Delivery, Delivery.attempts == 1,
+                                             Delivery.lease_token.is_(None))) == 5)
+    (oldest, *_) = sorted(rows(engine, Delivery), key=lambda d: d.id)
+    with engine.begin() as conn:  # made a day ago; the receiver is fixed; retried by hand
+        conn.execute(Delivery.__table__.update().where(Delivery.id == oldest.id)
+                     .values(created_at=datetime.now(UTC) - timedelta(days=1)))
+        deliveries.retry(conn, oldest.id)
+    sink.answer = lambda n, h, b: 200
+    f.wake()
+    done = await eventually(lambda: rows(engine, Delivery, Delivery.id == oldest.id,
+                                         Delivery.status != "pending"), timeout=10)
+    assert done and done[0].status == "delivered", done
+
+
+async def test_a_test_event_is_signed_sent_now_and_not_stored(
+        app_with: Any, engine: Engine, sink: Sink) -> None:
+    from ..helpers import client_for
+
+    app = await app_with()
+    async with client_for(app) as c:
+        made = (await c.post("/api/v1/endpoints", json={"url": sink.url})).json()
+        await c.patch(f"/api/v1/endpoints/{made['id']}", json={"enabled": False})
+        r = await c.post(f"/api/v1/endpoints/{made['id']}/test")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["ok"], body["status_code"], body["error"]) == (True, 200, None)
+        assert body["latency_ms"] > 0
+        (got,) = await asyncio.to_thread(sink.wait_for, 1)
+        assert got.webhook_id == body["webhook_id"]
+        payload = verified(got, made["secret"])
+        assert payload["type"] == "endpoint.test"  # type: ignore[index]
+        assert payload["data"] == {"endpoint_id": made["id"]}  # type: ignore[index]
+        sink.answer = lambda n, h, b: 503
+        body = (await c.post(f"/api/v1/endpoints/{made['id']}/test")).json()
+        assert (body["ok"], body["status_code"]) == (False, 503)
+        assert body["error"].startswith("HTTP 503")
+        await c.patch(f"/api/v1/endpoints/{made['id']}", json={"url": "http://127.0.0.1:9/"})
+        body = (await c.post(f"/api/v1/endpoints/{made['id']}/test")).json()
+        assert body["ok"] is False and body["status_code"] is None and body["error"]
+    assert rows(engine, Delivery) == [] and rows(engine, DeliveryAttempt) == []
+
+
+@pytest.mark.slow
+async def test_the_delivery_list_shows_an_open_circuit(app_with: Any, engine: Engine,
+                                                       sink: Sink) -> None:
+    from ..helpers import client_for
+
+    sink.answer = lambda n, h, b: 500
+    app = await app_with(forward_retry_schedule="3600", forward_concurrency="1")
+    async with client_for(app) as c:
+        ep = (await c.post("/api/v1/endpoints", json={"url": sink.url})).json()["id"]
+        emit(engine, [status_event(f"m-{i}", "delivered") for i in range(6)])
+        app.state.forwarder.wake()
+        assert len(await asyncio.to_thread(sink.wait_for, 5)) == 5
+        assert await eventually(lambda: len(rows(engine, Delivery, Delivery.attempts == 1,
+                                                 Delivery.lease_token.is_(None))) == 5)
+        with engine.begin() as conn:  # all due now, as after their backoff
+            conn.execute(Delivery.__table__.update().values(
+                next_attempt_at=datetime.now(UTC) - timedelta(minutes=1)))
+        items = (await c.get("/api/v1/deliveries", params={"status": "pending"})).json()[
+            "items"]
+        assert items and all(i["circuit_open"] for i in items)
+        now = datetime.now(UTC)
+        assert all(datetime.fromisoformat(i["next_attempt_at"]) >= now - timedelta(seconds=1)
+                   for i in items)
+        listed = (await c.get(f"/api/v1/endpoints/{ep}")).json()
+        assert listed["circuit_open_until"] is not None
