@@ -1,8 +1,8 @@
 """Logging for `dlr serve`: text or one JSON object a line, and no secrets in either.
 
-The callback token can travel in the URL (`/dlr/TOKEN`, `?token=`, `?tok%65n=`), which the
-access log would print; it is masked before any handler sees it. `redact_query` masks it in
-the query strings and form bodies that the rejected archive keeps.
+The callback token can travel in the URL (`/dlr/TOKEN`, `/%64lr/TOKEN`, `?token=`,
+`?tok%65n=`), which the access log would print; it is masked before any handler sees it.
+`redact_query` masks it in the query strings and form bodies that the rejected archive keeps.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 from urllib.parse import unquote_to_bytes
 
-_TOKEN_PATH = re.compile(r"(/dlr/)[^\s?\"]+", re.IGNORECASE)
+# The token path as the log shows it: the raw path, in which any letter of `dlr`, and the
+# slash after it, may be percent-encoded (`/%64lr/`, `/dl%72/`, `/DLR%2F`), since the router
+# matches the decoded path. Letter case is ignored (near-misses may carry the secret too).
+_TOKEN_PATH = re.compile(r"(/(?:d|%64|%44)(?:l|%6c|%4c)(?:r|%72|%52)(?:/|%2f))[^\s?\"]+",
+                         re.IGNORECASE)
 # A query key inside a log line starts the line or follows `?`, `&`, a blank or a quote, and
 # runs to `=`; a value ends at the next `&`, blank or quote (the access log quotes the
 # request line).
@@ -69,9 +73,10 @@ def redact(text: str) -> str:
 
 
 def _may_hold_token(text: str) -> bool:
-    """Cheap test before `redact`: a token needs a `=` or a /dlr/ path. Most access lines
-    (/healthz, lookups, pages without a query) have neither and skip the regexes."""
-    return "=" in text or "dlr/" in text or "DLR/" in text.upper()
+    """Cheap test before `redact`: a token needs a `=`, a /dlr/ path or a percent-encoded
+    spelling of one. Most access lines (/healthz, lookups, pages without a query) have none
+    of these and skip the regexes."""
+    return "=" in text or "%" in text or "dlr/" in text or "DLR/" in text.upper()
 
 
 class RedactTokens(logging.Filter):

@@ -14,7 +14,14 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 
-from app.ops.logs import RedactTokens, redact, redact_query
+from app.ops.logs import (
+    AccessLog,
+    BufferedStreamHandler,
+    RedactTokens,
+    TextFormatter,
+    redact,
+    redact_query,
+)
 
 from ..helpers import running_server
 
@@ -46,6 +53,12 @@ def test_redact_query_masks_repeated_and_empty_tokens() -> None:
     '127.0.0.1:5000 - "GET /dlr?type=seen&tok%65n=SECRET&msg_id=x HTTP/1.1" 200',
     '127.0.0.1:5000 - "GET /dlr?TOKEN=SECRET HTTP/1.1" 403',
     '127.0.0.1:5000 - "GET /dlr/SECRET?type=seen HTTP/1.1" 200',
+    # The router matches the decoded path: every spelling of /dlr/ carries the token.
+    '127.0.0.1:5000 - "GET /%64lr/SECRET HTTP/1.1" 200',
+    '127.0.0.1:5000 - "GET /dl%72/SECRET HTTP/1.1" 200',
+    '127.0.0.1:5000 - "POST /%44%4C%52/SECRET HTTP/1.1" 200',
+    '127.0.0.1:5000 - "GET /D%6cR/SECRET?type=seen HTTP/1.1" 200',
+    '127.0.0.1:5000 - "GET /dlr%2FSECRET HTTP/1.1" 200',
     '127.0.0.1:5000 - "GET /dlr?a=b?token=SEC?RET HTTP/1.1" 200',
     "query was token=SECRET&type=seen",
 ])
@@ -76,6 +89,18 @@ def test_the_access_log_filter_masks_its_arguments() -> None:
     assert stream.getvalue() == '127.0.0.1:5000 - "GET /dlr?type=seen&t%6Fken=*** HTTP/1.1" 200\n'
 
 
+def test_the_access_line_masks_every_spelling_of_the_token_path() -> None:
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream)
+    access = AccessLog(handler, TextFormatter())
+    for path in ("/%64lr/SECRET", "/dl%72/SECRET?type=seen", "/DL%52/SECRET"):
+        access.write("127.0.0.1:5000", "GET", path, "1.1", 200)
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and not any("SECRET" in line for line in lines)
+    assert lines[1].endswith('"GET /dl%72/***?type=seen HTTP/1.1" 200')
+
+
 def _serve_and_log(tmp_path: Any, log_format: str) -> list[str]:
     """Requests to a real `dlr serve` with its default access log; the lines it wrote."""
     env = {"DLR_DATABASE_URL": f"sqlite:///{tmp_path / 'logs.db'}",
@@ -85,6 +110,9 @@ def _serve_and_log(tmp_path: Any, log_format: str) -> list[str]:
             assert c.get("/healthz").status_code == 200
             assert c.post("/dlr/SECRET-TOKEN", data={"type": "seen", "msg_id": "m1"}
                           ).status_code == 200
+            for n, path in enumerate(("/%64lr/SECRET-TOKEN", "/dl%72/SECRET-TOKEN")):
+                r = c.get(httpx.URL(url + path, params={"type": "seen", "msg_id": f"e{n}"}))
+                assert r.status_code == 200  # routed: the token is right
             assert c.get("/dlr?type=seen&msg_id=m2&tok%65n=SECRET-TOKEN").status_code == 200
             assert c.get("/dlr?type=seen&msg_id=m3&token=WRONG-SECRET").status_code == 403
             assert c.get("/api/v1/messages/nope").status_code == 404
@@ -101,6 +129,8 @@ def _serve_and_log(tmp_path: Any, log_format: str) -> list[str]:
 EXPECTED_ACCESS = [  # (request line as logged, status); tokens masked
     ("GET /healthz HTTP/1.1", 200),
     ("POST /dlr/*** HTTP/1.1", 200),
+    ("GET /%64lr/***?type=seen&msg_id=e0 HTTP/1.1", 200),
+    ("GET /dl%72/***?type=seen&msg_id=e1 HTTP/1.1", 200),
     ("GET /dlr?type=seen&msg_id=m2&tok%65n=*** HTTP/1.1", 200),
     ("GET /dlr?type=seen&msg_id=m3&token=*** HTTP/1.1", 403),
     ("GET /api/v1/messages/nope HTTP/1.1", 404),
