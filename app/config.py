@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -110,6 +111,10 @@ class Settings(BaseSettings):
     forward_timeout: float = Field(default=10.0, gt=0, le=300)
     forward_concurrency: int = Field(default=8, ge=1, le=256)
 
+    # Campaigns: a regular expression with a group named `campaign` that derives the label
+    # of a message known only from DLRs from its p_transaction_id (unset: no label).
+    campaign_pattern: str | None = None
+
     @field_validator("callback_allowed_ips", "trusted_proxies", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
@@ -180,6 +185,23 @@ class Settings(BaseSettings):
         if any(not 0 <= v <= 7 * 86400 for v in value):
             raise ValueError("each delay must be between 0 and 604800 seconds")
         return value
+
+    @field_validator("campaign_pattern")
+    @classmethod
+    def _campaign_pattern(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"is not a regular expression: {exc}") from None
+        if "campaign" not in compiled.groupindex:
+            raise ValueError("needs a group named campaign, e.g. ^(?P<campaign>.+)-[0-9]+$")
+        return value
+
+    @property
+    def campaign_regex(self) -> re.Pattern[str] | None:
+        return re.compile(self.campaign_pattern) if self.campaign_pattern else None
 
     @model_validator(mode="before")
     @classmethod

@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None, *, tune_process: bool = False) 
     )
     app.state.settings = settings
     app.state.tune_process = tune_process
+    app.state.campaign_regex = settings.campaign_regex  # compiled once, for every callback
     app.add_middleware(ApiGuard, read_timeout=settings.api_read_timeout,
                        max_body=settings.upload_max_bytes + MULTIPART_OVERHEAD)
     # The most frequent routes first, in the app's own route list: the router tries them in

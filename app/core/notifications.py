@@ -164,6 +164,7 @@ class Notification:
     text_raw: bytes | None
     dedupe_key: str
     received_at: datetime
+    campaign: str | None = None  # derived from p_transaction_id (DLR_CAMPAIGN_PATTERN)
 
     @property
     def message_status(self) -> Status | None:
@@ -219,7 +220,22 @@ def dedupe_key(
     return h.hexdigest()
 
 
-def interpret(fields: dict[str, str], *, received_at: datetime) -> Notification:
+MAX_CAMPAIGN = 64
+
+
+def campaign_of(p_transaction_id: str | None, pattern: re.Pattern[str] | None) -> str | None:
+    """The campaign label a p_transaction_id names under `pattern` (its group `campaign`,
+    searched anywhere unless the pattern anchors itself), at most 64 characters; None when
+    there is no pattern, no p_transaction_id, no match or an empty group."""
+    if pattern is None or p_transaction_id is None:
+        return None
+    found = pattern.search(p_transaction_id)
+    label = found.group("campaign") if found else None
+    return label[:MAX_CAMPAIGN] if label else None
+
+
+def interpret(fields: dict[str, str], *, received_at: datetime,
+              campaign_pattern: re.Pattern[str] | None = None) -> Notification:
     """Read merged callback fields as a notification, or raise Invalid with the reason."""
     raw_type = _field(fields, "type")
     raw_status = _field(fields, "status")
@@ -258,12 +274,13 @@ def interpret(fields: dict[str, str], *, received_at: datetime) -> Notification:
     if type_ == "reply":
         text, text_raw = clean_text(fields.get("text", ""))
     ptid = _field(fields, "p_transaction_id")
+    ptid = clean_text(ptid)[0] if ptid is not None else None
     key = msg_key(msg_id)
     return Notification(
         type=type_,
         msg_id=msg_id,
         msg_key=key,
-        p_transaction_id=clean_text(ptid)[0] if ptid is not None else None,
+        p_transaction_id=ptid,
         status=status,
         status_extended=status_extended,
         unknown_status_extended=unknown,
@@ -277,4 +294,5 @@ def interpret(fields: dict[str, str], *, received_at: datetime) -> Notification:
             text=None if text is None else (text_raw or text.encode()),
         ),
         received_at=received_at,
+        campaign=campaign_of(ptid, campaign_pattern),
     )

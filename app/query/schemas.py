@@ -58,6 +58,7 @@ class Stats(BaseModel):
     since: datetime | None
     until: datetime | None
     p_transaction_id: str | None = None
+    campaign: str | None = None
     total: int
     by_status: dict[str, int]
     by_status_extended: dict[str, int]

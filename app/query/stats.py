@@ -13,6 +13,8 @@ from app.core.notifications import SHOWN_PREFIX, SMS_KIND, STORED_PREFIX, Status
 from app.core.times import utcnow
 from app.query.common import DatabaseDep, Since, Until, window
 from app.query.schemas import Funnel, Stats, Timeline, TimelinePoint
+from app.store import counts
+from app.store.db import Database
 from app.store.models import Event, Message, Rejected
 from app.web.routing import api_router
 from app.web.schemas import API_ERROR_RESPONSES, UtcDateTime, invalid
@@ -20,17 +22,42 @@ from app.web.schemas import API_ERROR_RESPONSES, UtcDateTime, invalid
 router = api_router(tags=["api"])
 
 
+Campaign = Annotated[str | None, Query(max_length=64, description="Only this campaign's")]
+
+
 @router.get("/stats", response_model=Stats)
 async def stats(database: DatabaseDep, since: Since = None, until: Until = None,
-                p_transaction_id: str | None = None) -> Stats:
-    """Messages first known in the window (optionally one p_transaction_id): by status, by
-    status_extended, and the funnel sent → delivered → seen → replied; events by type."""
+                p_transaction_id: str | None = None, campaign: Campaign = None) -> Stats:
+    """Messages first known in the window (optionally one campaign or p_transaction_id): by
+    status, by status_extended, and the funnel sent → delivered → seen → replied; events by
+    type; rejected callbacks. Read from the counts kept as the data is written (a
+    p_transaction_id is counted from its messages)."""
+    if p_transaction_id is None:
+        def counted(session: Session) -> counts.Totals:
+            return counts.window(session.connection(), since=since, until=until,
+                                 campaign=campaign if campaign is not None else counts.ALL)
+
+        totals = await database.session(counted)
+        return Stats(
+            since=since, until=until, campaign=campaign, total=totals.get("messages"),
+            by_status={s.value: totals.get(s.value) for s in Status},
+            by_status_extended=totals.codes,
+            funnel=Funnel(sent=totals.get("messages"), delivered=totals.get("reached"),
+                          seen=totals.get("opened"), replied=totals.get("replied")),
+            events_by_type={t: totals.get(f"ev_{t}") for t in ("delivery", "seen", "reply")},
+            rejected=totals.get("rejected"))
+    return await _scanned_stats(database, since, until, p_transaction_id, campaign)
+
+
+async def _scanned_stats(database: Database, since: datetime | None, until: datetime | None,
+                         p_transaction_id: str, campaign: str | None) -> Stats:
+    """One p_transaction_id's stats, counted from its messages (its index bounds the read)."""
     scope = window(Message.created_at, since, until)
-    if p_transaction_id is not None:
-        scope.append(Message.p_transaction_id == p_transaction_id)
+    scope.append(Message.p_transaction_id == p_transaction_id)
+    if campaign is not None:
+        scope.append(Message.campaign == campaign)
     event_scope = window(Event.received_at, since, until)
-    if p_transaction_id is not None:
-        event_scope.append(Event.p_transaction_id == p_transaction_id)
+    event_scope.append(Event.p_transaction_id == p_transaction_id)
 
     def read(session: Session) -> Stats:
         # Grouping on an expression, not the bare column: otherwise SQLite walks the whole
@@ -69,6 +96,7 @@ async def stats(database: DatabaseDep, since: Since = None, until: Until = None,
         ) or 0
         return Stats(
             since=since, until=until, p_transaction_id=p_transaction_id,
+            campaign=campaign,
             total=sum(by_status.values()),
             by_status={s.value: by_status.get(s.value, 0) for s in Status},
             by_status_extended=by_ext,
@@ -101,27 +129,36 @@ async def timeline(
     until: Annotated[UtcDateTime | None, Query(
         description="ISO 8601 (no zone: UTC); exclusive; default now")] = None,
     bucket_seconds: Annotated[int, Query(ge=10, le=86400)] = 60,
+    campaign: Campaign = None,
 ) -> Timeline:
     """Notifications received per time bucket, by type (the dashboard's activity chart).
 
     The window from `since` to `until` is at most 2 days; buckets start at whole multiples
-    of `bucket_seconds` since the epoch."""
+    of `bucket_seconds` since the epoch. Buckets of whole minutes are read from the counts
+    kept as the data is written; others (10 to 59 s, or not a whole number of minutes) are
+    counted from the notifications themselves."""
     start, end = since, until or utcnow()
     if end - start > TIMELINE_WINDOW:
         raise invalid(("query", "since"), "the window is limited to 2 days")
+    scope = campaign if campaign is not None else counts.ALL
 
-    def read(session: Session) -> list[Any]:
+    def counted(session: Session) -> dict[int, dict[str, int]]:
+        return counts.timeline(session.connection(), since=start, until=end,
+                               bucket_seconds=bucket_seconds, campaign=scope)
+
+    def scanned(session: Session) -> dict[int, dict[str, int]]:
         bucket = _bucket_of(Event.received_at, session.get_bind().dialect.name, bucket_seconds)
-        return list(session.execute(
-            select(bucket.label("b"), Event.type, func.count())
-            .where(Event.received_at >= start, Event.received_at < end)
-            .group_by("b", Event.type)
-        ).all())
+        query = (select(bucket.label("b"), Event.type, func.count())
+                 .where(Event.received_at >= start, Event.received_at < end))
+        if campaign is not None:
+            query = query.join(Message, Message.msg_key == Event.msg_key).where(
+                Message.campaign == campaign)
+        points: dict[int, dict[str, int]] = {}
+        for b, type_, n in session.execute(query.group_by("b", Event.type)):
+            points.setdefault(int(b), {})[type_] = n
+        return points
 
-    rows = await database.session(read)
-    points: dict[int, dict[str, int]] = {}
-    for b, type_, n in rows:
-        points.setdefault(int(b), {})[type_] = n
+    points = await database.session(counted if bucket_seconds % 60 == 0 else scanned)
     return Timeline(bucket_seconds=bucket_seconds, points=[
         TimelinePoint(t=datetime.fromtimestamp(b * bucket_seconds, UTC),
                       delivery=c.get("delivery", 0), seen=c.get("seen", 0),

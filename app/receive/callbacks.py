@@ -182,7 +182,8 @@ async def receive(request: Request, token: str | None = None) -> Response:
         fields = parse_urlencoded(query)
         fields.update(parse_body(content_type, body))
         fields.pop("token", None)
-        item = interpret(fields, received_at=received_at)
+        item = interpret(fields, received_at=received_at,
+                         campaign_pattern=request.app.state.campaign_regex)
         kind = item.type
     except (Invalid, Unreadable) as exc:
         addr = client_ip(request, settings.trusted_proxies)

@@ -42,6 +42,8 @@ class Merge(StrEnum):
     PREVIOUS = "previous"  # the stored status before it last changed
     SEQUENCE = "sequence"  # counts status changes and replies (forwarded events)
     LATEST = "latest"      # the newest value
+    ADD = "add"            # a count: what the new row carries is added
+    LABEL = "label"        # set by the send record; a DLR only fills it while it is empty
 
 
 def merge(rule: Merge) -> dict[str, Merge]:
@@ -76,12 +78,23 @@ class Message(Base):
     seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime, info=merge(Merge.FIRST))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, info=merge(Merge.KEEP))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, info=merge(Merge.LATEST))
+    # The campaign label (app/core/notifications.py's campaign rules).
+    campaign: Mapped[str | None] = mapped_column(String(64), info=merge(Merge.LABEL))
+    # Notifications stored per type: what the counts' triggers read the new ones off
+    # (app/store/counts.py), and whether the message was replied to.
+    delivery_events: Mapped[int] = mapped_column(Integer, server_default="0",
+                                                 info=merge(Merge.ADD))
+    seen_events: Mapped[int] = mapped_column(Integer, server_default="0", info=merge(Merge.ADD))
+    reply_events: Mapped[int] = mapped_column(Integer, server_default="0",
+                                              info=merge(Merge.ADD))
 
     __table_args__ = (
         Index(None, "p_transaction_id", "id"),
         Index(None, "phone", "id"),
         Index(None, "status", "id"),
-        Index(None, "created_at"),
+        Index(None, "campaign", "id"),
+        # Pages by time (`since`, `until`) walk this index in its own order.
+        Index(None, "created_at", "id"),
     )
 
 
@@ -249,3 +262,73 @@ class DeliveryAttempt(Base):
         Index(None, "delivery_id", "id"),
         Index(None, "endpoint_id", "attempted_at"),
     )
+
+
+# --- Counts for the dashboard (app/store/counts.py) -------------------------------------------
+# "Squashable" counts, as nyaruka's RapidPro keeps them: database triggers insert delta rows in
+# the same commit as the rows they count, reads sum them, and a background squash folds the
+# rows of one key into one. Writers never update a shared row, so two replicas writing the
+# same campaign at once do not wait for each other.
+
+
+class MessageCount(Base):
+    """Per minute and campaign ("*": every message, "" never used): messages first known in
+    that minute by status and how far they got, and notifications received in it."""
+
+    __tablename__ = "message_counts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    bucket: Mapped[datetime] = mapped_column(UTCDateTime)
+    campaign: Mapped[str] = mapped_column(String(64))
+    messages: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    accepted: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    in_process: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    delivered: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    undelivered: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    seen: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    reached: Mapped[int] = mapped_column(BigInteger, server_default="0")   # delivered_at set
+    opened: Mapped[int] = mapped_column(BigInteger, server_default="0")    # seen_at set
+    replied: Mapped[int] = mapped_column(BigInteger, server_default="0")   # a reply or more
+    ev_delivery: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    ev_seen: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    ev_reply: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    rejected: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+    __table_args__ = (Index(None, "campaign", "bucket"),)
+
+
+class CodeCount(Base):
+    """Per minute and campaign: messages first known then, by the status_extended they show."""
+
+    __tablename__ = "code_counts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    bucket: Mapped[datetime] = mapped_column(UTCDateTime)
+    campaign: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str] = mapped_column(Text)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index(None, "campaign", "bucket"),)
+
+
+class CampaignCount(Base):
+    """Per campaign, over its whole life: its messages by status and how far they got, and
+    when it was first and last active."""
+
+    __tablename__ = "campaign_counts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    campaign: Mapped[str] = mapped_column(String(64))
+    messages: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    accepted: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    in_process: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    delivered: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    undelivered: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    seen: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    reached: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    opened: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    replied: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    first_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index(None, "campaign"),)

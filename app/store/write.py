@@ -47,6 +47,7 @@ class SendRecord:
     created_at: datetime
     msg_ids: dict[str, str] = field(default_factory=dict)  # phone -> msg_id
     send_id: int | None = None  # set once written
+    campaign: str | None = None  # the label of every message it sent
 
 
 Item = Notification | Rejection | SendRecord
@@ -125,6 +126,10 @@ def _merge_sql() -> str:
         Merge.SEQUENCE: (f"messages.{{c}} + CASE WHEN excluded.status_event IS NULL "
                          f"THEN excluded.{{c}} WHEN {changed} THEN 1 ELSE 0 END"),
         Merge.LATEST: "excluded.{c}",
+        Merge.ADD: "messages.{c} + excluded.{c}",
+        # Only a send record (the only row with a send_id) sets a label over another one.
+        Merge.LABEL: ("CASE WHEN excluded.send_id IS NOT NULL AND excluded.{c} IS NOT NULL "
+                      "THEN excluded.{c} ELSE COALESCE(messages.{c}, excluded.{c}) END"),
     }
     sets = []
     for column in Message.__table__.columns:
@@ -258,7 +263,9 @@ def notification_row(n: Notification, stamp: Any) -> tuple[Any, ...]:
         # seen implies delivered
         "delivered_at": stamp if shown in (Status.DELIVERED, Status.SEEN) else None,
         "seen_at": stamp if shown is Status.SEEN else None,
-        "created_at": stamp, "updated_at": stamp,
+        "created_at": stamp, "updated_at": stamp, "campaign": n.campaign,
+        "delivery_events": int(n.type == "delivery"), "seen_events": int(n.type == "seen"),
+        "reply_events": int(n.type == "reply"),
     }, _MESSAGE_NAMES)
 
 
@@ -268,7 +275,8 @@ def send_rows(record: SendRecord, stamp: Any) -> list[tuple[Any, ...]]:
         "msg_key": msg_key(msg_id), "msg_id": msg_id, "p_transaction_id": record.p_transaction_id,
         "phone": phone, "sender": record.sender, "kind": record.kind, "send_id": record.send_id,
         "status": Status.ACCEPTED.value, "status_rank": RANK[Status.ACCEPTED], "event_seq": 0,
-        "sent_at": stamp, "created_at": stamp, "updated_at": stamp,
+        "sent_at": stamp, "created_at": stamp, "updated_at": stamp, "campaign": record.campaign,
+        "delivery_events": 0, "seen_events": 0, "reply_events": 0,
     }, _MESSAGE_NAMES) for phone, msg_id in record.msg_ids.items()]
 
 
@@ -387,8 +395,9 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
         conn.execute(insert(Rejected), rejected)
 
     stamp = stamper(conn.dialect)
-    # (index in the batch, row): merged in arrival order, so that within one batch the later
-    # of two final statuses wins and a message's times are those of its first notifications.
+    # (index in the batch, row): notifications merged in arrival order, so that within one
+    # batch the later of two final statuses wins and a message's times are those of its first
+    # notifications.
     arriving: list[tuple[int, MessageRow]] = []
     first: dict[str, int] = {}  # dedupe_key -> index of its first copy in this batch
     for idx, item in enumerate(items):
@@ -414,7 +423,9 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
             if n.dedupe_key in new:  # only new notifications change a message
                 outcomes[idx] = "new"
                 arriving.append((idx, (notification_row(n, s), n)))
-    arriving.sort(key=lambda pair: pair[0])
+    # Send records last: a label a send sets then finds every notification of its message
+    # in this batch merged already, and the counts move them all to it (app/store/counts.py).
+    arriving.sort(key=lambda pair: (pair[1][1] is None, pair[0]))
     message_rows = [row for _, row in arriving]
 
     stored = Stored(outcomes)
