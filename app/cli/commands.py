@@ -425,7 +425,9 @@ def simulate(
 @cli.command()
 @one_line_errors
 def purge(
-    older_than: Annotated[str, typer.Option(help="Age to keep, e.g. 90d, 12h, 30m")],
+    older_than: Annotated[str, typer.Option(
+        help="Delete what is older than this: a number and a unit, min, h, d, w, mo (30 days) "
+             "or y (365 days), e.g. 90d, 6mo, 12h, 30min; 'm' alone is refused as ambiguous")],
     batch: Annotated[int, typer.Option(min=1, help="Rows per transaction")] = 5000,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Only count what would be deleted, per table")] = False,
@@ -433,7 +435,8 @@ def purge(
         "--yes", "-y", help="Delete without asking (needed when not run from a terminal)")
     ] = False,
 ) -> None:
-    """Delete events, messages, rejected callbacks and send records older than an age."""
+    """Delete events, messages, rejected callbacks, send records and finished forwarding
+    deliveries older than an age (--dry-run counts exactly what a run would delete)."""
     from datetime import timedelta
 
     from app.core.times import utcnow

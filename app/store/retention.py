@@ -8,21 +8,43 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import ColumnElement, Engine, Table, case, delete, exists, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Table,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.orm import InstrumentedAttribute
 
 from app.store.models import Delivery, Event, Message, OutboundEvent, Rejected, Send
 
-_AGE = re.compile(r"^(\d+)([dhm])$")
+_AGE = re.compile(r"^(\d+)\s*([a-z]+)$", re.IGNORECASE)
+UNITS = {"min": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1),
+         "w": timedelta(weeks=1), "mo": timedelta(days=30), "y": timedelta(days=365)}
+AGE_HELP = "a number and a unit: min, h, d, w, mo (30 days) or y (365 days), e.g. 90d, 6mo"
 
 
 def parse_age(value: str) -> timedelta:
-    """'90d', '12h' or '30m'."""
+    """'30min', '12h', '90d', '2w', '6mo' (30 days each) or '1y' (365 days).
+
+    `m` alone is refused, whatever its case: a cron line written for six months as `6m`
+    would otherwise delete all but six minutes.
+    """
     m = _AGE.match(value.strip())
-    if not m:
-        raise ValueError(f"age {value!r} must look like 90d, 12h or 30m")
-    n, unit = int(m.group(1)), m.group(2)
-    return {"d": timedelta(days=n), "h": timedelta(hours=n), "m": timedelta(minutes=n)}[unit]
+    unit = m.group(2).lower() if m else ""
+    if m and unit == "m":
+        n = m.group(1)
+        raise ValueError(f"age {value!r} is ambiguous: write {n}min for minutes or {n}mo "
+                         "for months")
+    if not m or unit not in UNITS:
+        raise ValueError(f"age {value!r} must be {AGE_HELP}")
+    return int(m.group(1)) * UNITS[unit]
 
 
 # (table, its time column). A message's updated_at is never older than any of its events,
@@ -43,11 +65,29 @@ TARGETS: tuple[tuple[Table, InstrumentedAttribute[datetime] | ColumnElement[date
                           (Send, Send.created_at), (Message, Message.updated_at))))
 
 
+def _deletable(table: Table, column: ColumnElement[datetime] | InstrumentedAttribute[datetime],
+               before: datetime) -> ColumnElement[bool]:
+    """The rows of `table` that a purge with this cut-off deletes, judged before it starts.
+
+    For every table but one that is the delete's own condition. An outbound event goes once
+    no delivery of it is left, and the run deletes its finished deliveries first: so it counts
+    when no delivery of it will remain, none pending and none finished at or after the
+    cut-off.
+    """
+    if table.name != OutboundEvent.__tablename__:
+        return column < before
+    remaining = exists(select(Delivery.id).where(
+        Delivery.event_id == OutboundEvent.id,
+        or_(Delivery.finished_at.is_(None), Delivery.finished_at >= before)))
+    return and_(OutboundEvent.occurred_at < before, ~remaining)
+
+
 def count_older(engine: Engine, *, before: datetime) -> dict[str, int]:
-    """How many rows per table `purge` would delete now (what `--dry-run` shows)."""
+    """How many rows per table `purge` would delete now (what `--dry-run` shows): the same
+    rows the run deletes, outbound events whose deliveries go first included."""
     with engine.connect() as conn:
-        return {table.name: conn.scalar(
-                    select(func.count()).select_from(table).where(column < before)) or 0
+        return {table.name: conn.scalar(select(func.count()).select_from(table)
+                                        .where(_deletable(table, column, before))) or 0
                 for table, column in TARGETS}
 
 

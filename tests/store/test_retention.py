@@ -7,14 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from typer.testing import CliRunner
 
 from app.cli import cli
 from app.config import Settings
-from app.store.models import Event, Message, Rejected
+from app.forward.queue import Outcome, record
+from app.store.models import Delivery, Event, Message, OutboundEvent, Rejected
+from app.store.retention import parse_age
 
-from ..helpers import count, dlr
+from ..helpers import add_endpoint, count, dlr, emit, status_event
 
 
 async def test_purge_deletes_only_what_is_older(
@@ -43,7 +45,81 @@ async def test_purge_deletes_only_what_is_older(
 def test_purge_age_is_checked() -> None:
     result = CliRunner().invoke(cli, ["purge", "--older-than", "ninety days"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: age 'ninety days' must look like 90d, 12h or 30m"
+    assert result.stderr.strip() == (
+        "error: age 'ninety days' must be a number and a unit: min, h, d, w, mo (30 days) "
+        "or y (365 days), e.g. 90d, 6mo")
+
+
+@pytest.mark.parametrize(("value", "age"), [
+    ("30min", timedelta(minutes=30)), ("12h", timedelta(hours=12)), ("90d", timedelta(days=90)),
+    ("2w", timedelta(weeks=2)), ("6mo", timedelta(days=180)), ("1y", timedelta(days=365)),
+    ("90D", timedelta(days=90)), (" 6 MO ", timedelta(days=180)), ("0d", timedelta(0)),
+])
+def test_ages_in_every_unit(value: str, age: timedelta) -> None:
+    assert parse_age(value) == age
+
+
+@pytest.mark.parametrize("value", ["6m", "6M"])
+def test_m_alone_is_refused_as_ambiguous(value: str) -> None:
+    # A cron line written for six months would otherwise delete all but six minutes.
+    result = CliRunner().invoke(cli, ["purge", "--older-than", value, "--yes"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: age {value!r} is ambiguous: write 6min for minutes or "
+                             "6mo for months\n")
+
+
+@pytest.mark.parametrize("value", ["6", "6s", "6mon", "6 months", "-1d", "1.5d", "d"])
+def test_other_units_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="must be a number and a unit"):
+        parse_age(value)
+
+
+def test_the_help_names_the_units() -> None:
+    result = CliRunner().invoke(cli, ["purge", "--help"], env={"COLUMNS": "200"})
+    assert "6mo" in result.stdout and "min" in result.stdout
+
+
+async def test_a_dry_run_counts_exactly_what_the_run_deletes_forwarding_included(
+    client: httpx.AsyncClient, engine: Engine, settings: Settings
+) -> None:
+    await old_and_new(client, engine)
+    first = add_endpoint(engine, "http://127.0.0.1:9/a")
+    second = add_endpoint(engine, "http://127.0.0.1:9/b")
+    old = datetime.now(UTC) - timedelta(days=40)
+    emit(engine, [status_event(f"m-{i}", "delivered", at=old) for i in range(4)])
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    # m-0: delivered to both long ago (the event goes once both deliveries have gone);
+    # m-1: failed at one long ago, delivered to the other yesterday; m-2: delivered to one
+    # long ago, pending at the other; m-3: pending at both.
+    plan = {("m-0", first.id): ("delivered", old), ("m-0", second.id): ("delivered", old),
+            ("m-1", first.id): ("failed", old), ("m-1", second.id): ("delivered", yesterday),
+            ("m-2", first.id): ("delivered", old)}
+    with engine.begin() as conn:
+        rows = conn.execute(select(Delivery.id, Delivery.endpoint_id, OutboundEvent.msg_key)
+                            .join(OutboundEvent, OutboundEvent.id == Delivery.event_id)).all()
+        for delivery_id, endpoint_id, msg_key in rows:
+            if (msg_key, endpoint_id) not in plan:
+                continue
+            status, at = plan[(msg_key, endpoint_id)]
+            conn.execute(update(Delivery).where(Delivery.id == delivery_id)
+                         .values(lease_token="t"))
+            record(conn, [Outcome(delivery_id, endpoint_id, "t", status, attempted_at=at,
+                                  status_code=200 if status == "delivered" else 500,
+                                  ok=status == "delivered")])
+    env = {"DLR_DATABASE_URL": settings.database_url}
+    dry = CliRunner().invoke(cli, ["purge", "--older-than", "30d", "--dry-run"], env=env)
+    assert dry.exit_code == 0, dry.output
+    done = CliRunner().invoke(cli, ["purge", "--older-than", "30d", "--yes", "--batch", "2"],
+                              env=env)
+    assert done.exit_code == 0, done.output
+    would = dry.stdout.split(": ", 1)[1].strip()
+    deleted = done.stdout.split(": ", 1)[1].strip()
+    assert would == deleted
+    assert would == ("4 deliveries, 1 outbound_events, 4 events, 1 rejected, 0 sends, "
+                     "2 messages")
+    with engine.connect() as conn:
+        assert sorted(conn.scalars(select(OutboundEvent.msg_key))) == ["m-1", "m-2", "m-3"]
+        assert count(engine, Delivery) == 4
 
 
 async def old_and_new(client: httpx.AsyncClient, engine: Engine) -> None:
