@@ -1,10 +1,10 @@
 """The `dlr` command line. Errors are one clear line on stderr and a non-zero exit."""
 
-from app.cli import commands, forwarding
+from app.cli import commands, export, forwarding
 from app.cli.common import cli
 
 forwarding.register(cli)
-__all__ = ["cli", "commands", "main"]
+__all__ = ["cli", "commands", "export", "main"]
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ class MessageSummary(BaseModel):
     seen_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    campaign: str | None = None
 
     @model_validator(mode="after")
     def _shown_code(self) -> MessageSummary:

@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from sqlalchemy import ColumnElement, Connection, Select, bindparam, select
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.core.message import MessageSummary
@@ -93,14 +93,18 @@ lookup_router.add_api_route(
 
 _M = Message.__table__.c
 # Query parameter -> condition on a bound parameter of the same name.
+_EQUAL = ("p_transaction_id", "phone", "status", "campaign")
 _LIST_FILTERS: dict[str, ColumnElement[bool]] = {
-    "p_transaction_id": _M.p_transaction_id == bindparam("p_transaction_id"),
-    "phone": _M.phone == bindparam("phone"),
-    "status": _M.status == bindparam("status"),
+    **{name: _M[name] == bindparam(name) for name in _EQUAL},
     "since": _M.created_at >= bindparam("since"),
     "until": _M.created_at < bindparam("until"),
     "after": _M.id < bindparam("after"),
 }
+# A page by time alone walks the (created_at, id) index in its order, newest first: the
+# next page starts below the last row's (created_at, id), looked up by its id (the cursor).
+_AFTER_IN_TIME = tuple_(_M.created_at, _M.id) < tuple_(
+    select(_M.created_at).where(_M.id == bindparam("after")).scalar_subquery(),
+    bindparam("after"))
 
 
 _FILTER_SUBSETS: int = 2 ** len(_LIST_FILTERS)
@@ -108,10 +112,18 @@ _FILTER_SUBSETS: int = 2 ** len(_LIST_FILTERS)
 
 @lru_cache(maxsize=_FILTER_SUBSETS)  # every subset of the filters
 def _list_statement(filters: tuple[str, ...]) -> Select[Any]:
-    """One statement per combination of filters, so each is built and compiled once."""
-    return (select(*_SUMMARY_COLUMNS, _M.id)
-            .where(*(_LIST_FILTERS[name] for name in filters))
-            .order_by(_M.id.desc()).limit(bindparam("limit")))
+    """One statement per combination of filters, so each is built and compiled once.
+
+    Each equality filter has an index that ends in the id: a page is one range of it, newest
+    (highest id) first. Without one, a time window pages along (created_at, id) instead, the
+    newest first by the time each message was first known, so that `since`/`until` pages
+    too are one index range whatever the table holds."""
+    query = select(*_SUMMARY_COLUMNS, _M.id).limit(bindparam("limit"))
+    if any(name in _EQUAL for name in filters) or not {"since", "until"} & set(filters):
+        return query.where(*(_LIST_FILTERS[name] for name in filters)).order_by(_M.id.desc())
+    return (query.where(*(_AFTER_IN_TIME if name == "after" else _LIST_FILTERS[name]
+                          for name in filters))
+            .order_by(_M.created_at.desc(), _M.id.desc()))
 
 
 @router.get("/messages", response_model=Page[MessageSummary])
@@ -124,13 +136,16 @@ async def list_messages(
     until: Until = None,
     limit: Limit = 100,
     cursor: Cursor = None,
+    campaign: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     """Messages, newest first. Pages are keyed on the row id, so rows inserted while a client
     pages through appear on no page it has not read yet and shift nothing.
 
-    Each filter has an index that ends in the id, so a page is one index range scan.
+    Each filter has an index that ends in the id, so a page is one index range scan; a page
+    by time alone (`since`, `until`) is one range of (created_at, id), newest first by the
+    time each message was first known.
     """
-    values = {"p_transaction_id": p_transaction_id, "phone": phone,
+    values = {"p_transaction_id": p_transaction_id, "phone": phone, "campaign": campaign,
               "status": status_.value if status_ is not None else None,
               "since": since, "until": until, "after": decode_cursor(cursor)}
     params = {name: value for name, value in values.items() if value is not None}

@@ -77,3 +77,12 @@ class TimelinePoint(BaseModel):
 class Timeline(BaseModel):
     bucket_seconds: int
     points: list[TimelinePoint]
+
+
+class CampaignItem(BaseModel):
+    campaign: str
+    messages: int
+    by_status: dict[str, int]
+    funnel: Funnel
+    first_at: datetime | None = Field(description="When its first message was first known")
+    last_at: datetime | None = Field(description="Its latest notification or send")

@@ -83,7 +83,7 @@ class Sender:
             sending_method=request.sending_method, sender=request.sender,
             phones=list(request.phone), outcome=delivery.outcome, code=delivery.code,
             tech_message=delivery.tech_message, attempts=delivery.attempts,
-            created_at=utcnow(), msg_ids=dict(delivery.msg_ids))
+            created_at=utcnow(), msg_ids=dict(delivery.msg_ids), campaign=request.campaign)
         await self._record(record)
         return SendResult(
             outcome=delivery.outcome, p_transaction_id=request.p_transaction_id,

@@ -50,6 +50,11 @@ class SendRequest(BaseModel):
     button_link: Annotated[str | None, Field(max_length=2048, min_length=1)] = None
     sending_method: Literal["viber", "sms"] = "viber"
     p_transaction_id: Annotated[str | None, Field(max_length=255, min_length=1)] = None
+    # Not sent to the provider: the label every message of this request is recorded with.
+    campaign: Annotated[str | None, Field(
+        max_length=64, min_length=1, pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Campaign label recorded with every message (not sent to the provider)",
+    )] = None
     dlr: Literal[0, 1] = 1
     dlr_timeout: Annotated[int | None, Field(ge=60, le=86400)] = None
     delay: Annotated[int | None, Field(ge=1, le=MAX_DELAY_MINUTES, description=(

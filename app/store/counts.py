@@ -226,19 +226,19 @@ def campaigns(conn: Connection, *, since: datetime | None, until: datetime | Non
     last = func.max(KC.c.last_at)
     first = func.min(KC.c.first_at)
     query = select(KC.c.campaign, *sums, first, last).group_by(KC.c.campaign)
-    having = []
+    having = [func.sum(KC.c.messages) != 0]  # a campaign whose messages were all purged
     if since is not None:
         having.append(last >= since)
     if until is not None:
         having.append(first < until)
-    query = query.having(*having) if having else query
+    query = query.having(*having)
     rows = conn.execute(query.order_by(last.desc(), KC.c.campaign)
                         .limit(limit).offset(offset)).all()
     return [CampaignTotals(r[0], dict(zip(STATUS_COLUMNS, (int(v or 0) for v in r[1:-2]),
                                           strict=True)),
                            _aware(r[-2]) if r[-2] is not None else None,
                            _aware(r[-1]) if r[-1] is not None else None)
-            for r in rows if r[1]]
+            for r in rows]
 
 
 # --- squashing ---------------------------------------------------------------------------------

@@ -211,7 +211,8 @@ class Database:
             if thread:
                 return await self.in_thread(lambda: self._rows(statement, params))
             return self._rows(statement, params)
-        sql = postgresql_sql(statement)
+        sql, defaults = postgresql_sql(statement)
+        params = defaults | params if defaults else params
         for attempt in (1, 2):
             try:
                 async with self.read_pool.connection() as conn:
@@ -307,7 +308,10 @@ _POSTGRESQL = psycopg_dialect()  # type: ignore[no-untyped-call]
 
 
 @lru_cache(maxsize=256)
-def postgresql_sql(statement: ClauseElement) -> str:
-    """SQL text of a prebuilt statement, compiled once: compiling costs more than running an
-    indexed read (a third of a page's time when done per request)."""
-    return str(statement.compile(dialect=_POSTGRESQL))
+def postgresql_sql(statement: ClauseElement) -> tuple[str, dict[str, Any]]:
+    """SQL text of a prebuilt statement, compiled once (compiling costs more than running an
+    indexed read: a third of a page's time when done per request), and the values of the
+    parameters the statement binds itself (its constants)."""
+    compiled = cast(SQLCompiler, statement.compile(dialect=_POSTGRESQL))
+    return str(compiled), {name: value for name, value in compiled.params.items()
+                           if not compiled.binds[name].required}
