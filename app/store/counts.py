@@ -243,8 +243,15 @@ def campaigns(conn: Connection, *, since: datetime | None, until: datetime | Non
 
 # --- squashing ---------------------------------------------------------------------------------
 
+def _recent_keys(table: Table, key: list[str], since_id: int) -> str:
+    """SQL: the keys of the rows added since `since_id` (the rows of other keys are one each
+    already: only these can need folding, so a squash costs what was added since the last)."""
+    keys = ", ".join(key)
+    return f"SELECT {keys} FROM {table.name} WHERE id > {int(since_id)} GROUP BY {keys}"
+
+
 def _squash_pg(conn: Connection, table: Table, key: list[str], sums: list[str],
-               extremes: dict[str, str]) -> int:
+               extremes: dict[str, str], since_id: int) -> int:
     """Fold every key with more than one row into one, atomically: the sums are of exactly
     the rows the same statement deleted (a writer's row committed meanwhile stays)."""
     keys = ", ".join(key)
@@ -252,8 +259,11 @@ def _squash_pg(conn: Connection, table: Table, key: list[str], sums: list[str],
                         *(f"{fn}({c})" for c, fn in extremes.items())])
     columns = ", ".join([*key, *sums, *extremes])
     join = " AND ".join(f"t.{k} = d.{k}" for k in key)
+    on = " AND ".join(f"t.{k} = r.{k}" for k in key)
     result = conn.exec_driver_sql(f"""
-        WITH dup AS (SELECT {keys} FROM {table.name} GROUP BY {keys} HAVING count(*) > 1),
+        WITH recent AS ({_recent_keys(table, key, since_id)}),
+        dup AS (SELECT {", ".join(f"t.{k}" for k in key)} FROM {table.name} t JOIN recent r
+                ON {on} GROUP BY {", ".join(f"t.{k}" for k in key)} HAVING count(*) > 1),
         gone AS (DELETE FROM {table.name} t USING dup d WHERE {join} RETURNING t.*)
         INSERT INTO {table.name} ({columns})
         SELECT {keys}, {folded} FROM gone GROUP BY {keys}""")
@@ -261,14 +271,14 @@ def _squash_pg(conn: Connection, table: Table, key: list[str], sums: list[str],
 
 
 def _squash_sqlite(conn: Connection, table: Table, key: list[str], sums: list[str],
-                   extremes: dict[str, str]) -> int:
+                   extremes: dict[str, str], since_id: int) -> int:
     """The same in two statements: one SQLite writer at a time, so none can come between."""
     keys = ", ".join(key)
     top = conn.exec_driver_sql(f"SELECT max(id) FROM {table.name}").scalar()
-    if top is None:
+    if top is None or top <= since_id:
         return 0
-    dup = (f"SELECT {keys} FROM {table.name} WHERE id <= {int(top)} GROUP BY {keys} "
-           "HAVING count(*) > 1")
+    dup = (f"SELECT {keys} FROM {table.name} WHERE id <= {int(top)} AND ({keys}) IN "
+           f"({_recent_keys(table, key, since_id)}) GROUP BY {keys} HAVING count(*) > 1")
     folded = ", ".join([*(f"sum({c})" for c in sums),
                         *(f"{fn}({c})" for c, fn in extremes.items())])
     columns = ", ".join([*key, *sums, *extremes])
@@ -287,9 +297,17 @@ SQUASHED: tuple[tuple[Table, list[str], list[str], dict[str, str]], ...] = (
 )
 
 
-def squash(conn: Connection) -> int:
+def high_marks(conn: Connection) -> tuple[int, ...]:
+    """The highest row id of each counts table: what a squash has seen."""
+    return tuple(int(conn.exec_driver_sql(f"SELECT coalesce(max(id), 0) FROM {t.name}").scalar()
+                     or 0) for t, *_ in SQUASHED)
+
+
+def squash(conn: Connection, since: tuple[int, ...] | None = None) -> int:
     """Fold the delta rows of each key into one, in the caller's transaction; how many keys
-    were folded. On PostgreSQL only one process squashes at a time (the others skip)."""
+    were folded. `since`: the `high_marks` of the last squash (only keys with rows added
+    after them are looked at; None: every key). On PostgreSQL only one process squashes at a
+    time (the others skip)."""
     if conn.dialect.name == "postgresql":
         if not conn.exec_driver_sql(
                 f"SELECT pg_try_advisory_xact_lock({SQUASH_LOCK})").scalar():
@@ -297,7 +315,8 @@ def squash(conn: Connection) -> int:
         fold = _squash_pg
     else:
         fold = _squash_sqlite
-    return sum(fold(conn, *spec) for spec in SQUASHED)
+    marks = since or (0,) * len(SQUASHED)
+    return sum(fold(conn, *spec, mark) for spec, mark in zip(SQUASHED, marks, strict=True))
 
 
 DbRunner = Callable[..., Awaitable[Any]]
@@ -311,10 +330,16 @@ class Squasher:
         self.engine = engine
         self._run_db = run_db
         self._task: asyncio.Task[None] | None = None
+        self._marks: tuple[int, ...] | None = None  # None: the first squash looks at all
 
     def _once(self) -> int:
+        # The marks are read before the squash: rows a writer adds meanwhile are looked at
+        # next time. Another replica's squash may have folded keys of ours: that is fine.
         with self.engine.begin() as conn:
-            return squash(conn)
+            marks = high_marks(conn)
+            folded = squash(conn, self._marks)
+        self._marks = marks
+        return folded
 
     async def run_once(self) -> int:
         return int(await self._run_db(self._once))

@@ -213,3 +213,28 @@ def test_the_migration_counts_the_rows_already_stored(tmp_path: Any, pg_admin_ur
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_the_squasher_folds_what_was_added_since_its_last_round(engine: Engine) -> None:
+    import asyncio
+
+    squasher = counts.Squasher(engine, lambda fn: asyncio.to_thread(fn))
+    traffic(engine, 6)
+    assert await squasher.run_once() > 0
+    with engine.connect() as conn:
+        folded = conn.scalar(select(func.count()).select_from(MessageCount))
+    assert await squasher.run_once() == 0  # nothing added since
+    send = SendRecord(p_transaction_id="late", kind="text", sending_method="viber",
+                      sender="Shop", phones=["79001234567"], outcome="accepted", code=0,
+                      tech_message="OK", attempts=1, created_at=T0,
+                      msg_ids={"79001234567": "m1"}, campaign="label-late")
+    with engine.begin() as conn:
+        store(conn, [send])
+    assert await squasher.run_once() > 0
+    with engine.connect() as conn:  # one row a key again, the new keys included
+        keys = conn.execute(text("SELECT count(*) FROM (SELECT DISTINCT bucket, campaign "
+                                 "FROM message_counts) k")).scalar()
+        assert conn.scalar(select(func.count()).select_from(MessageCount)) == keys >= folded
+    for campaign in (counts.ALL, "label-late", "label-1"):
+        assert counted(engine, campaign=campaign, since=None, until=None) == expected(
+            engine, campaign=campaign)
