@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import io
+import socket
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,10 @@ def serve(
     from app.ops.logs import log_config
 
     cfg = settings()
+    # A busy port is one error line before anything else is done, not uvicorn's lines after
+    # "startup complete" and exit 3. The probe is closed again: uvicorn binds the port itself
+    # (with --workers it must own the socket); the window between the two is a few ms.
+    _listen(host, port, "another dlr serve?").close()
     migrate_database(cfg)
     uvicorn.run(
         "app.main:create_served_app",
@@ -80,6 +86,26 @@ def serve(
         timeout_keep_alive=30,
         h11_max_incomplete_event_size=16 * 1024,
     )
+
+
+def _listen(host: str, port: int, who: str) -> socket.socket:
+    """A socket bound to host:port (as uvicorn binds: SO_REUSEADDR), or a one-line CliError
+    saying why not: a port already in use (by `who`, perhaps), no permission, no such host."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        reason = (f"the port is already in use ({who}); choose another with --port"
+                  if getattr(exc, "errno", None) == errno.EADDRINUSE else exc.strerror or exc)
+        raise CliError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
 
 
 @cli.command()
@@ -216,7 +242,8 @@ def send(
     rate: Annotated[float, typer.Option(help="CSV: messages per second (provider default 10)")
                     ] = 10.0,
     campaign: Annotated[str | None, typer.Option(
-        help="CSV: prefix of generated p_transaction_ids (default: the file name)")] = None,
+        help="Campaign label of the message, or of every CSV row; with --csv also the prefix "
+             "of generated p_transaction_ids (default for both: the file name)")] = None,
     retry_unknown: Annotated[bool, typer.Option(
         help="CSV: also re-send rows whose earlier outcome is unknown")] = False,
 ) -> None:
@@ -232,7 +259,7 @@ def send(
     if csv_file is None:
         if not phone:
             raise CliError("give --phone (repeatable) or --csv FILE")
-        requests = [_request(fields | {"phone": phone}, "")]
+        requests = [_request(fields | {"phone": phone, "campaign": campaign}, "")]
     else:
         # Name only what was given: each row has its own phone and p_transaction_id.
         clashing = [name for name, value in (("--phone", phone),
@@ -240,8 +267,9 @@ def send(
         if clashing:
             raise CliError(f"{' and '.join(clashing)} cannot be combined with --csv "
                            "(each row gives its own)")
-        defaults = {k: v for k, v in fields.items() if v is not None}
-        requests = _csv_requests(csv_file, defaults, campaign or csv_file.stem)
+        label = campaign or csv_file.stem[:64]
+        defaults = {k: v for k, v in fields.items() if v is not None} | {"campaign": label}
+        requests = _csv_requests(csv_file, defaults, label)
     if rate <= 0:
         raise CliError("--rate must be above 0")
     try:
@@ -382,9 +410,6 @@ def simulate(
     seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
 ) -> None:
     """Run the provider simulator: send API on /, upload on /upload/, DLRs to --callback-url."""
-    import errno
-    import socket
-
     import uvicorn
 
     from app.simulator.provider import EmitterSettings, ProviderSimulator
@@ -401,20 +426,7 @@ def simulate(
             uppercase_ids=uppercase_ids, time_scale=time_scale, seed=seed),
     )
     # Bind before saying anything: a busy port is one error line, not a banner and a traceback.
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as exc:
-        reason = ("the port is already in use (another simulator?); choose one with --port"
-                  if getattr(exc, "errno", None) == errno.EADDRINUSE else exc.strerror or exc)
-        raise CliError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock = _listen(host, port, "another simulator?")
     err.print(f"provider simulator on http://{host}:{sock.getsockname()[1]}/ (user {user!r}); "
               f"DLRs to {callback_url or 'nowhere (no --callback-url)'}", highlight=False)
     server = uvicorn.Server(uvicorn.Config(sim.app(), log_level="warning"))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import select
 import signal
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +21,7 @@ from sqlalchemy import Engine
 
 from app.config import Settings
 
-from ..helpers import UUID_B, events, running_server
+from ..helpers import DLR, UUID_B, events, free_port, running_server
 
 # Every test starts `dlr serve` as a subprocess (1.5 s to 4.5 s each).
 pytestmark = pytest.mark.slow
@@ -38,6 +40,24 @@ def test_serve_migrates_a_new_sqlite_file_and_answers(tmp_path: Path) -> None:
         # uvicorn shuts down gracefully, then re-raises SIGTERM so supervisors see the cause.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     assert (tmp_path / "fresh.db").exists()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_port_is_one_error_line_and_exit_2(tmp_path: Path, workers: str) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")} | {
+        "DLR_DATABASE_URL": f"sqlite:///{tmp_path / 'busy.db'}"}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        done = subprocess.run([DLR, "serve", "--port", str(port), "--workers", workers],
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: the port is already in use "
+        "(another dlr serve?); choose another with --port"]
+    assert not (tmp_path / "busy.db").exists()  # nothing done before the port was checked
 
 
 def test_forwarded_for_is_not_believed_from_loopback(tmp_path: Path) -> None:
