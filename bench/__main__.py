@@ -33,6 +33,8 @@ from app.config import load_settings
 from app.store.db import make_engine
 from app.store.migrate import upgrade
 from bench.cpu import Snapshot, cell, per_request, used
+from bench.dashboard import dashboard_round
+from bench.dashboard import markdown_rows as dashboard_rows
 from bench.forwarding import forwarding_round, markdown_rows
 from bench.seed import seed
 
@@ -229,6 +231,14 @@ class Database:
             """), {"p": f"{pattern}%"}).one()
         return {"stored": int(row[0]), "distinct_stored": int(row[1])}
 
+    def reset(self) -> None:
+        """Empty the tables (the next round seeds its own data)."""
+        with self.engine.begin() as conn:
+            for table in ("delivery_attempts", "deliveries", "outbound_events", "events",
+                          "messages", "rejected", "sends", "message_counts", "code_counts",
+                          "campaign_counts"):
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+
     def drop(self) -> None:
         self.engine.dispose()
         if self.name:
@@ -346,6 +356,11 @@ def run(
                           ] = True,
     outage_seconds: Annotated[int, typer.Option(help="How long the forwarding sink is down")
                               ] = 60,
+    dashboard: Annotated[bool, typer.Option(
+        help="Time the dashboard's reads on a bulk sender's day at two sizes")] = True,
+    dashboard_sizes: Annotated[str, typer.Option(
+        help="backend=small,large messages within 24 h for the dashboard's reads")
+                               ] = "sqlite=200000,1000000;postgresql=200000,5000000",
     out: Annotated[Path, typer.Option(help="Where to write the JSON results")
                    ] = HERE / "results" / "latest.json",
 ) -> None:
@@ -380,6 +395,13 @@ def run(
                     res["forwarding"] = forwarding_round(
                         db, Server, bracketed, free_port, seconds, connections, workdir,
                         outage=outage_seconds)
+                if dashboard:
+                    console.print(f"[bold]{backend}[/bold]: the dashboard's reads on a day")
+                    sizes = dict(part.split("=") for part in dashboard_sizes.split(";"))
+                    res["dashboard"] = dashboard_round(
+                        db, lambda url=db.url: Server(url, free_port(), 1),
+                        [int(n) for n in sizes[backend].split(",")], console)
+                    db.reset()
                 if seed_messages:
                     console.print(f"[bold]{backend}[/bold]: seeding {seed_messages:,} messages")
                     started = time.monotonic()
@@ -442,6 +464,9 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{r['rps']:,} | **{r['ratio']:.2f}** | {r['p50_ms']:.1f} / "
                     f"{r['p99_ms']:.1f} | {r['non_200']} | – | {lk['memory']['peak_mb']} | "
                     f"{cell(r['cpu'], lk['baseline_cpu'])} |")
+    for backend, res in results["backends"].items():
+        if "dashboard" in res:
+            lines += ["", *dashboard_rows(backend, res["dashboard"])]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,146 @@
+"""The dashboard's reads on a bulk sender's day (issue 23): stats for an hour, a day, 7 days
+and one campaign, a day's timeline, the campaign list and a page by time, each timed at two
+sizes of the same day's data, so that a read that grows with the rows shows.
+
+A day is seeded set-based: messages first known across the last 24 hours in 20 campaigns,
+three notifications each, through the same tables and triggers the write path uses (so the
+counts are kept by the database as they are in service), then squashed as the app squashes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, text
+
+from app.store.counts import squash
+
+CAMPAIGNS = 20
+DAY = 86_400
+REQUESTS = 60  # per read, one after another (the dashboard's own pattern), after 5 warm-ups
+
+
+def seed_day(engine: Engine, start: int, stop: int, total: int) -> None:
+    """Messages day-{start}..day-{stop - 1} of a day of `total`, spread evenly over the last
+    24 hours, with their notifications; statuses as a campaign's mix."""
+    with engine.begin() as conn:
+        pg = conn.dialect.name == "postgresql"
+        if pg:
+            series = f"generate_series({start}, {stop - 1}) AS s(g)"
+            at = f"now() - ((g::float8 * {DAY}) / {total}) * interval '1 second'"
+            as_text = "g::text"
+            key = "md5('day-' || g::text || '-' || k::text)"
+        else:
+            conn.exec_driver_sql("PRAGMA synchronous=OFF")  # seeding only
+            series = (f"(WITH RECURSIVE s(g) AS (SELECT {start} UNION ALL SELECT g + 1 FROM s "
+                      f"WHERE g < {stop - 1}) SELECT g FROM s)")
+            at = (f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || (g * {DAY}.0 / {total}) "
+                  "|| ' seconds')")
+            as_text = "CAST(g AS TEXT)"
+            key = "'day-' || CAST(g AS TEXT) || '-' || CAST(k AS TEXT)"
+        status = ("CASE WHEN g % 10 = 0 THEN 'undelivered' WHEN g % 10 < 4 THEN 'seen' "
+                  "ELSE 'delivered' END")
+        rank = "CASE WHEN g % 10 = 0 THEN 2 WHEN g % 10 < 4 THEN 3 ELSE 2 END"
+        ext = "CASE WHEN g % 10 = 0 THEN 'VIBER_USER_NOT_FOUND' END"
+        label = f"(g % {CAMPAIGNS})::text" if pg else f"CAST(g % {CAMPAIGNS} AS TEXT)"
+        campaign = f"'sale-' || {label}"
+        conn.execute(text(f"""
+            INSERT INTO messages (msg_key, msg_id, p_transaction_id, phone, sender, kind,
+                status, status_rank, status_extended, sent_at, delivered_at, seen_at,
+                created_at, updated_at, campaign, delivery_events, seen_events, reply_events)
+            SELECT 'day-' || {as_text}, 'day-' || {as_text}, {campaign} || '-' || {as_text},
+                   '7900' || {as_text}, 'Shop', 'text', {status}, {rank}, {ext},
+                   {at}, {at}, CASE WHEN g % 10 BETWEEN 1 AND 3 THEN {at} END, {at}, {at},
+                   {campaign}, 2, CASE WHEN g % 10 BETWEEN 1 AND 3 THEN 1 ELSE 0 END, 0
+            FROM {series}
+        """))
+        conn.execute(text(f"""
+            INSERT INTO events (dedupe_key, msg_key, type, status, status_extended,
+                                unknown_status_extended, p_transaction_id, received_at)
+            SELECT {key}, 'day-' || {as_text},
+                   CASE WHEN k = 3 AND g % 10 BETWEEN 1 AND 3 THEN 'seen' ELSE 'delivery' END,
+                   CASE WHEN k = 1 THEN 'in_process'
+                        WHEN k = 3 AND g % 10 BETWEEN 1 AND 3 THEN NULL
+                        WHEN g % 10 = 0 THEN 'undelivered' ELSE 'delivered' END,
+                   CASE WHEN k > 1 THEN {ext} END, false, {campaign} || '-' || {as_text}, {at}
+            FROM {series} CROSS JOIN (SELECT 1 AS k UNION ALL SELECT 2 UNION ALL SELECT 3) kk
+        """))
+    with engine.begin() as conn:
+        squash(conn)
+        conn.exec_driver_sql("ANALYZE")
+
+
+def reads(now: datetime) -> dict[str, tuple[str, dict[str, str]]]:
+    def iso(t: datetime) -> str:
+        return t.isoformat()
+
+    return {
+        "stats, last hour": ("/api/v1/stats", {"since": iso(now - timedelta(hours=1))}),
+        "stats, last day": ("/api/v1/stats", {"since": iso(now - timedelta(days=1))}),
+        "stats, last 7 days": ("/api/v1/stats", {"since": iso(now - timedelta(days=7))}),
+        "stats, one campaign": ("/api/v1/stats", {"campaign": "sale-7"}),
+        "timeline, a day by 15 min": ("/api/v1/timeline", {
+            "since": iso(now - timedelta(days=1)), "bucket_seconds": "900"}),
+        "campaign list": ("/api/v1/campaigns", {"limit": "50"}),
+        "page, since an hour ago": ("/api/v1/messages", {
+            "since": iso(now - timedelta(hours=1)), "limit": "50"}),
+        "page, until an hour ago": ("/api/v1/messages", {
+            "until": iso(now - timedelta(hours=1)), "limit": "50"}),
+    }
+
+
+def timed(url: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    now = datetime.now(UTC)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for name, (path, params) in reads(now).items():
+            for _ in range(5):
+                client.get(path, params=params).raise_for_status()
+            took = []
+            for _ in range(REQUESTS):
+                started = time.perf_counter()
+                client.get(path, params=params).raise_for_status()
+                took.append((time.perf_counter() - started) * 1000)
+            took.sort()
+            out[name] = {"p50_ms": round(statistics.median(took), 1),
+                         "p99_ms": round(took[int(len(took) * 0.99) - 1], 1)}
+    return out
+
+
+def dashboard_round(db: Any, start_server: Callable[[], Any], sizes: list[int],
+                    console: Any) -> dict[str, Any]:
+    """Seed the day up to each size in turn and time every read on a fresh server."""
+    results: dict[str, Any] = {"sizes": sizes, "reads": {}}
+    seeded = 0
+    for size in sizes:
+        console.print(f"  seeding the day to {size:,} messages")
+        started = time.monotonic()
+        # Spread as the whole day would be: the smaller size is every (total/size)-th message.
+        seed_day(db.engine, seeded + 1, size + 1, size)
+        seeded = size
+        results[f"seed_seconds_{size}"] = round(time.monotonic() - started)
+        server = start_server()
+        try:
+            results["reads"][size] = timed(server.url)
+        finally:
+            server.stop()
+    return results
+
+
+def markdown_rows(backend: str, res: dict[str, Any]) -> list[str]:
+    sizes = res["sizes"]
+    lines = [f"| {backend} | read | " + " | ".join(f"p50 / p99 ms at {s:,}" for s in sizes)
+             + " | p99 ratio |", "|---|---|" + "---|" * len(sizes) + "---|"]
+    first, last = res["reads"][sizes[0]], res["reads"][sizes[-1]]
+    for name in first:
+        cells = " | ".join(
+            f"{res['reads'][s][name]['p50_ms']} / {res['reads'][s][name]['p99_ms']}"
+            for s in sizes)
+        ratio = last[name]["p99_ms"] / max(first[name]["p99_ms"], 0.1)
+        lines.append(f"| | {name} | {cells} | {ratio:.2f} |")
+    return lines
