@@ -256,7 +256,9 @@ def backlog(conn: Connection, now: datetime) -> dict[str, Backlog]:
 # cost following the endpoints with pending deliveries, not all endpoints. It walks the due
 # index (endpoint_id, next_attempt_at WHERE status = 'pending') from one endpoint id to the
 # next (a loose index scan, which neither database does by itself), and looks at each one's
-# oldest due rows. The 'pending' literals let both databases use that partial index.
+# oldest due rows. The 'pending' literals let both databases use that partial index; the
+# LIMIT 1 subquery (not EXISTS, which PostgreSQL may turn into a join over every due row)
+# is one index probe per endpoint.
 _DUE_ENDPOINTS = text("""
 WITH RECURSIVE walk(id) AS (
     SELECT (SELECT endpoint_id FROM deliveries WHERE status = 'pending'
@@ -268,9 +270,10 @@ WITH RECURSIVE walk(id) AS (
     FROM walk WHERE walk.id IS NOT NULL
 )
 SELECT walk.id FROM walk JOIN endpoints ep ON ep.id = walk.id
-WHERE ep.enabled AND ep.paused_at IS NULL AND EXISTS (
+WHERE ep.enabled AND ep.paused_at IS NULL AND (
     SELECT 1 FROM deliveries d WHERE d.endpoint_id = walk.id AND d.status = 'pending'
-    AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now))
+    AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now)
+    LIMIT 1) = 1
 """).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
