@@ -94,6 +94,20 @@ def test_full_lifecycle_through_the_simulator(stack: Stack, engine: Engine) -> N
     assert events(engine) == counters.notifications == 8
 
 
+def test_a_send_through_the_api_carries_its_campaign(stack: Stack) -> None:
+    r = stack.api.post("/api/v1/messages", json={"phone": ["79031234567", "79165557755"],
+                                                 "txt": "hi", "campaign": "black-friday"})
+    assert r.status_code == 200, r.text
+    stack.wait_for_dlrs()
+    for msg_id in r.json()["msg_ids"].values():
+        assert stack.api.get(f"/api/v1/messages/{msg_id}").json()["campaign"] == "black-friday"
+    funnel = stack.api.get("/api/v1/stats", params={"campaign": "black-friday"}).json()["funnel"]
+    assert funnel == {"sent": 2, "delivered": 2, "seen": 2, "replied": 2}
+    too_long = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "hi",
+                                                        "campaign": "x" * 65})
+    assert too_long.status_code == 422
+
+
 def test_dlr_before_the_send_answer_meets_its_message(stack: Stack) -> None:
     stack.sim.dlr_before_answer = True
     r = stack.api.post("/api/v1/messages", json={"phone": ["79031234567"], "txt": "hi",
@@ -249,6 +263,13 @@ def test_csv_campaign_of_1000_rows_is_resumable(
         rows = s.api.get("/api/v1/messages",
                          params={"p_transaction_id": "spring-1000"}).json()["items"]
         assert rows[0]["phone"] == "79000000999" and rows[0]["status"] == "accepted"
+        # Every row carries the campaign's label (the file's name, with no --campaign), and
+        # the campaign can be followed as one.
+        assert rows[0]["campaign"] == "spring"
+        campaign = s.api.get("/api/v1/stats", params={"campaign": "spring"}).json()
+        assert campaign["total"] == 1000 and campaign["by_status"]["accepted"] == 1000
+        listed = s.api.get("/api/v1/campaigns").json()["items"]
+        assert [(c["campaign"], c["messages"]) for c in listed] == [("spring", 1000)]
         again = runner.invoke(cli, ["send", "--csv", str(csv_file), "--rate", "100000"], env=env)
         assert again.exit_code == 0, again.output
         assert "1000 skipped" in again.stdout
@@ -274,9 +295,13 @@ def test_cli_send_and_upload_one(settings: Settings, engine: Engine, tmp_path: P
         image_id = up.stdout.strip()
         assert image_id in s.sim.images
         sent = runner.invoke(cli, ["send", "--phone", "79031234567", "--from", "Shop",
-                                   "--image-id", image_id], env=env)
+                                   "--image-id", image_id, "--campaign", "banner-week"],
+                             env=env)
         assert sent.exit_code == 0, sent.output
         assert "accepted" in sent.stdout
+        msg_id = sent.stdout.split()[-1]
+        assert s.api.get(f"/api/v1/messages/{msg_id}").json()["campaign"] == "banner-week"
+        assert "campaign" not in s.sim.requests[-1]  # a label of ours, not the provider's
         assert s.sim.requests[-1]["image_id"] == [image_id]
         assert s.sim.requests[-1]["from"] == ["Shop"]
         not_image = tmp_path / "notes.png"
