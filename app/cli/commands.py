@@ -9,11 +9,13 @@ import io
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from fastapi import HTTPException
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -126,17 +128,43 @@ def status(msg_id: Annotated[str, typer.Argument(help="The provider's msg_id")])
                 raise CliError(str(exc.detail)) from None
     finally:
         engine.dispose()
-    head = Table(show_header=False, box=None)
+    out.print(_status_head(message))
+    out.print(_timeline(message.events))
+
+
+# Tables fit 80 columns: ids, codes and times never break (no_wrap), free text folds.
+def _when(value: datetime) -> str:
+    """A stored time in UTC, to the millisecond: `2024-05-01 12:00:00.123Z`."""
+    return value.astimezone(UTC).isoformat(sep=" ", timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _status_head(message: Any) -> Table:
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold", no_wrap=True)
+    head.add_column(overflow="fold")
     for name in ("msg_id", "status", "status_extended", "phone", "p_transaction_id",
-                 "sent_at", "delivered_at", "seen_at", "updated_at"):
+                 "campaign", "sent_at", "delivered_at", "seen_at", "updated_at"):
+        if not hasattr(message, name):
+            continue
         value = getattr(message, name)
-        head.add_row(f"[bold]{name}[/bold]", "-" if value is None else str(value))
-    out.print(head)
-    events = Table("received_at", "type", "status", "status_extended", "text", title="events")
-    for e in message.events:
-        events.add_row(e.received_at.isoformat(), e.type, e.status or "",
-                       e.status_extended or "", e.text or "")
-    out.print(events)
+        shown = ("-" if value is None else _when(value) if isinstance(value, datetime)
+                 else str(value))
+        head.add_row(name, escape(shown))
+    return head
+
+
+def _timeline(events: list[Any]) -> Table:
+    table = Table(title="events", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  title_justify="left")
+    table.add_column("received_at", no_wrap=True)
+    table.add_column("type", no_wrap=True)
+    table.add_column("status", no_wrap=True)  # and status_extended below it
+    table.add_column("text", overflow="fold")
+    for e in events:
+        state = "\n".join(v for v in (e.status, e.status_extended) if v)
+        table.add_row(_when(e.received_at), e.type, escape(state), escape(e.text or ""))
+    return table
 
 
 def _request(fields: dict[str, Any], where: str) -> SendRequest:

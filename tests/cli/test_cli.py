@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -212,3 +213,30 @@ def test_csv_conflicts_name_only_the_options_given(
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {named} cannot be combined with --csv (each row gives its own)\n")
+
+
+async def test_status_is_readable_in_80_columns(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.cli import common
+
+    # The consoles read COLUMNS when they print (not a width frozen when first imported).
+    monkeypatch.setattr(common.out, "_width", None)
+    msg_id = "550e8400-e29b-41d4-a716-446655440000"
+    await dlr(client, type="delivery", msg_id=msg_id, status="undelivered",
+              status_extended="SUBSCRIBER_IS_BLOCKED", p_transaction_id="campaign-2024-spring-1")
+    await dlr(client, type="reply", msg_id=msg_id,
+              text="a reply long enough to need folding: " + "word " * 30)
+    result = runner.invoke(cli, ["status", msg_id],
+                           env={"DLR_DATABASE_URL": settings.database_url, "COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, "\n" + result.stdout
+    assert any(msg_id in line for line in lines)  # whole, on one line
+    assert any("SUBSCRIBER_IS_BLOCKED" in line for line in lines)
+    assert any("campaign-2024-spring-1" in line for line in lines)
+    # Every time is whole on one line: its date and its clock side by side.
+    stamps = [line for line in lines if re.search(r"\d{4}-\d\d-\d\d", line)]
+    assert len(stamps) >= 3  # updated_at and two events
+    assert all(re.search(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d", line) for line in stamps), (
+        "\n" + result.stdout)
