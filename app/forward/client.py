@@ -104,11 +104,8 @@ class WebhookClient:
                 return await self._exchange(target, conn, body, headers, keep)
             except _StaleConnection:
                 pass  # the server had closed it while idle: nothing was read; a new one
-        conn = await self._connect(target)
-        try:
-            return await self._exchange(target, conn, body, headers, keep)
-        except _StaleConnection:
-            raise ClientError("the server closed the connection without answering") from None
+        conn = await self._connect(target)  # a new one is never stale: no second retry
+        return await self._exchange(target, conn, body, headers, keep)
 
     async def aclose(self) -> None:
         for conns in self._idle.values():
@@ -178,8 +175,11 @@ class WebhookClient:
                 raise ClientError(f"malformed answer: {exc}") from None
             if event is h11.NEED_DATA:
                 data = await conn.reader.read(READ_CHUNK)
-                if not data and not received_any and reused:
-                    raise _StaleConnection
+                if not data and not received_any:
+                    if reused:
+                        raise _StaleConnection
+                    # Said here: h11 would report it as a protocol error of its own.
+                    raise ClientError("the server closed the connection without answering")
                 received_any = received_any or bool(data)
                 conn.h11.receive_data(data)
                 continue

@@ -230,13 +230,6 @@ async def test_a_new_connection_closed_without_an_answer_is_an_error_not_retried
         (1, b"first"), (2, b"one"), (2, b"two"), (3, b"two")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app/forward/client.py _answer: on a new connection closed before any answer, h11 "
-    "raises RemoteProtocolError from next_event() (a client cannot take ConnectionClosed "
-    "in SEND_RESPONSE), so the error recorded for the attempt is 'malformed answer: can't "
-    "handle event type ConnectionClosed when role=SERVER and state=SEND_RESPONSE'; the "
-    "'closed the connection without answering' branches (ConnectionClosed with no status, "
-    "and post()'s second _StaleConnection) are never reached"))
 async def test_a_receiver_that_closes_without_answering_is_reported_as_such(
         receiver: Receiver, client: WebhookClient) -> None:
     receiver.answer = lambda request: Answer(drop=True)
