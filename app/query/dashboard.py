@@ -9,8 +9,11 @@ rather than handed a bare JSON 403.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -55,6 +58,36 @@ def _static(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+# Every page of the dashboard is sent with these: never framed (no clickjacking of the
+# replay button or the sign-in form), no MIME sniffing, no Referer to anyone, and a CSP that
+# allows what the page is made of and nothing else: its own inline style (with style
+# attributes), its own inline scripts by hash (never an injected one), fetches and forms
+# to this origin only.
+_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+NONE = "'none'"
+
+
+@lru_cache(maxsize=8)
+def security_headers(page_html: str) -> dict[str, str]:
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+        for body in _SCRIPT.findall(page_html))
+    csp = ("default-src 'self'; "
+           f"script-src {hashes or NONE}; "
+           "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+    return {"Content-Security-Policy": csp, "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def html_page(page_html: str, status_code: int = 200, *, no_store: bool = False
+              ) -> HTMLResponse:
+    headers = dict(security_headers(page_html))
+    if no_store:
+        headers["Cache-Control"] = "no-store"
+    return HTMLResponse(page_html, status_code=status_code, headers=headers)
+
+
 def _sign_in_page(message: str = "") -> str:
     note = f'<p class="error" role="alert">{html.escape(message)}</p>' if message else ""
     return _static(SIGN_IN_PAGE).replace("__MESSAGE__", note)
@@ -82,12 +115,12 @@ async def dashboard(request: Request) -> Response:
         if not _wants_html(request) or exc.status_code not in (401, 403):
             raise
         if exc.status_code == status.HTTP_401_UNAUTHORIZED:
-            return HTMLResponse(_sign_in_page(), status_code=exc.status_code)
-        return HTMLResponse(_static(NO_ACCESS_PAGE), status_code=exc.status_code)
+            return html_page(_sign_in_page(), exc.status_code)
+        return html_page(_static(NO_ACCESS_PAGE), exc.status_code)
     signed_in = has_valid_session(request, _settings(request).api_key_values())
     # The page never caches: it reflects whether this browser is signed in.
-    return HTMLResponse(page().replace("__SIGNED_IN__", "true" if signed_in else "false"),
-                        headers={"Cache-Control": "no-store"})
+    return html_page(page().replace("__SIGNED_IN__", "true" if signed_in else "false"),
+                     no_store=True)
 
 
 async def _read_form(request: Request) -> dict[str, list[str]] | None:
@@ -123,13 +156,13 @@ async def sign_in(request: Request) -> Response:
         return JSONResponse({"detail": "cross-site sign-in refused"}, status_code=403)
     form = await _read_form(request)
     if form is None:
-        return HTMLResponse(_sign_in_page("The form was too large or too slow."),
-                            status_code=status.HTTP_400_BAD_REQUEST)
+        return html_page(_sign_in_page("The form was too large or too slow."),
+                         status.HTTP_400_BAD_REQUEST)
     given = (form.get("key") or [""])[0].strip()
     matched = matching_key(keys, lambda key: token_matches(given, key))
     if matched is None:
-        return HTMLResponse(_sign_in_page("That is not one of this server's API keys."),
-                            status_code=status.HTTP_401_UNAUTHORIZED)
+        return html_page(_sign_in_page("That is not one of this server's API keys."),
+                         status.HTTP_401_UNAUTHORIZED)
     response = _to_dashboard()
     response.set_cookie(SESSION_COOKIE, new_session(matched), max_age=SESSION_MAX_AGE,
                         path="/", httponly=True, samesite="strict",

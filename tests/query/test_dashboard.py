@@ -3,6 +3,8 @@ screen), its sign-in with an API key, and what a browser without access is told.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import time
 import uuid
@@ -331,3 +333,93 @@ async def test_with_keys_a_browser_gets_the_sign_in_form(app_with: AppFactory) -
         assert page.status_code == 401
         assert '<form method="post" action="/dashboard/sign-in">' in page.text
         assert "Funnel" not in page.text
+
+
+# --- headers, layout in a narrow window, the ingest rate ----------------------------------------
+
+def _script_hashes(page_html: str) -> set[str]:
+    return {"'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+            for body in re.findall(r"<script>(.*?)</script>", page_html, re.DOTALL)}
+
+
+def _check_security_headers(r: httpx.Response) -> None:
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "no-referrer"
+    csp = dict(part.strip().split(" ", 1)
+               for part in r.headers["content-security-policy"].split(";"))
+    assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'self'"
+    assert csp["connect-src"] == "'self'" and csp["form-action"] == "'self'"
+    # Only the page's own inline scripts run: by hash, never 'unsafe-inline'.
+    assert "unsafe-inline" not in csp["script-src"]
+    assert set(csp["script-src"].split()) == (_script_hashes(r.text) or {"'none'"})
+
+
+async def test_every_dashboard_page_is_sent_with_security_headers(app_with: AppFactory) -> None:
+    app = await app_with()
+    async with client_for(app) as local:
+        r = await local.get("/dashboard", headers=HTML)
+        assert r.status_code == 200 and "<script>" in r.text
+        _check_security_headers(r)
+    async with client_for(app, peer=REMOTE) as remote:
+        r = await remote.get("/dashboard", headers=HTML)
+        assert r.status_code == 403
+        _check_security_headers(r)
+    keyed = await app_with(api_keys=KEY)
+    async with client_for(keyed) as client:
+        r = await client.get("/dashboard", headers=HTML)
+        assert r.status_code == 401 and "sign-in" in r.text
+        _check_security_headers(r)
+        r = await client.post("/dashboard/sign-in", data={"key": "wrong"})
+        assert r.status_code == 401
+        _check_security_headers(r)
+
+
+@pytest.mark.slow
+def test_cards_keep_their_content_inside_and_the_rate_follows_a_burst(
+        browser: Browser, settings: Settings, engine: Engine) -> None:
+    app = create_app(make_settings(database_url=settings.database_url))
+    with serving_in_thread(app) as url, httpx.Client(base_url=url, timeout=10) as api:
+        # Rejected callbacks with long unbroken raw content, and a burst of callbacks now.
+        for i in range(5):
+            assert api.get("/dlr", params={"type": "bogus" + "x" * 80, "msg_id": f"r{i}" * 30,
+                                           "p_transaction_id": "y" * 90}).status_code == 200
+        for i in range(40):
+            assert api.get("/dlr", params={"type": "delivery", "msg_id": f"burst-{i}",
+                                           "status": "delivered"}).status_code == 200
+        long_url = "https://hooks.example.com/" + "averyveryverylongpathsegment" * 4
+        r = api.post("/api/v1/endpoints", json={
+            "url": long_url, "events": ["message.status", "message.reply"]})
+        assert r.status_code == 201, r.text
+        page = browser.new_page(viewport={"width": 960, "height": 1000})
+        violations: list[str] = []
+        page.on("console", lambda m: violations.append(m.text)
+                if "Content Security Policy" in m.text else None)
+        try:
+            page.goto(f"{url}/dashboard")
+            expect(page.locator("#rejected tr").first).to_contain_text("type")
+            expect(page.locator("#endpoints .ep-url")).to_have_count(1)
+            # The rejected table stays inside the Health card.
+            card = page.locator("#health-card").bounding_box()
+            table = page.locator("#rejected-table").bounding_box()
+            holder = page.locator("#health-card .contain").bounding_box()
+            assert card and table and holder
+            assert holder["x"] + holder["width"] <= card["x"] + card["width"] + 0.5
+            assert table["x"] + table["width"] <= card["x"] + card["width"] + 0.5
+            assert set(lines_of(page, "#rejected td.when")) == {1}
+            # Endpoints: the URL is one line (whole in its title), event names never break.
+            ep_url = page.locator("#endpoints .ep-url")
+            assert ep_url.get_attribute("title") == long_url
+            assert set(lines_of(page, "#endpoints .ep-url")) == {1}
+            assert set(lines_of(page, "#endpoints .nw")) == {1}
+            ep_card = page.locator("#endpoints-card").bounding_box()
+            ep_table = page.locator("#endpoints-table").bounding_box()
+            assert ep_card and ep_table
+            assert ep_table["x"] + ep_table["width"] <= ep_card["x"] + ep_card["width"] + 0.5
+            # Right after the burst the rate is not 0.
+            rate = page.locator("#ingest-rate")
+            expect(rate).to_contain_text("callbacks/s")
+            assert float(rate.inner_text().split()[0]) > 0
+            assert not violations, violations
+        finally:
+            page.close()
