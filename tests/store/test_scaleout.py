@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import Engine, text
 
@@ -122,7 +123,9 @@ async def test_two_replicas_on_one_database_agree_on_every_message(pg_url: str) 
                 copies.append({**note, "msg_id": case(msg_id)})
     rng.shuffle(copies)
 
-    env = {"DLR_DATABASE_URL": pg_url}
+    # Both replicas label the same campaign at once: its counts are written by both.
+    env = {"DLR_DATABASE_URL": pg_url,
+           "DLR_CAMPAIGN_PATTERN": r"^(?P<campaign>scaleout-[0-9a-f]+)$"}
     with running_server(env) as (url_a, _), running_server(env) as (url_b, _):
         answers = await send_all([url_a, url_b], copies, rng)
         assert answers == Counter({200: len(copies)})
@@ -150,6 +153,19 @@ async def test_two_replicas_on_one_database_agree_on_every_message(pg_url: str) 
             stats = r.json()
             assert stats["total"] == MESSAGES
             assert sum(stats["events_by_type"].values()) == sum(map(len, expected.values()))
+            # The campaign's counts, written by both replicas at once, say the same as its
+            # rows; every replica only ever inserted delta rows (no counter row is updated,
+            # so neither waited for the other on one).
+            counted = (await client.get(f"{url_b}/api/v1/stats",
+                                        params={"campaign": campaign})).json()
+            for name in ("total", "by_status", "by_status_extended", "funnel",
+                         "events_by_type"):
+                assert counted[name] == stats[name], name
+    with psycopg.connect(pg_url) as conn:
+        updated = conn.execute(
+            "SELECT sum(n_tup_upd + n_tup_hot_upd) FROM pg_stat_user_tables WHERE relname IN "
+            "('message_counts', 'code_counts', 'campaign_counts')").fetchone()
+        assert updated is not None and not updated[0]
 
 
 def test_a_deadlock_with_another_writer_is_written_again_not_refused(
