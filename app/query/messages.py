@@ -163,9 +163,11 @@ async def list_messages(
 
 @router.get("/replies", response_model=Page[ReplyItem])
 async def list_replies(
-    database: DatabaseDep, since: Since = None, limit: Limit = 100, cursor: Cursor = None
+    database: DatabaseDep, since: Since = None, limit: Limit = 100, cursor: Cursor = None,
+    campaign: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Page[ReplyItem]:
-    """Subscribers' replies, newest first, with the message they answer."""
+    """Subscribers' replies, newest first, with the message they answer (optionally only
+    the replies to one campaign's messages)."""
 
     def read(session: Session) -> Page[ReplyItem]:
         query = (
@@ -177,13 +179,16 @@ async def list_replies(
         )
         if since is not None:
             query = query.where(Event.received_at >= since)
+        if campaign is not None:
+            query = query.where(Message.campaign == campaign)
         after = decode_cursor(cursor)
         if after is not None:
             query = query.where(Event.id < after)
         rows, next_cursor = page_of(list(session.execute(query).all()), limit, lambda r: r[0].id)
         items = [
             ReplyItem(msg_id=m.msg_id, p_transaction_id=m.p_transaction_id or e.p_transaction_id,
-                      phone=m.phone, text=e.text or "", received_at=e.received_at)
+                      phone=m.phone, text=e.text or "", received_at=e.received_at,
+                      campaign=m.campaign)
             for e, m in rows
         ]
         return Page[ReplyItem](items=items, next_cursor=next_cursor)

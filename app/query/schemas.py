@@ -34,6 +34,7 @@ class ReplyItem(BaseModel):
     phone: str | None
     text: str
     received_at: datetime
+    campaign: str | None = None
 
 
 class RejectedItem(BaseModel):

@@ -71,10 +71,10 @@ def receiver_with_simulator(settings: Settings, api_keys: str | None = None,
             yield Stack(sim, api)
 
 
-def send_campaign(stack: Stack) -> None:
-    phones = [f"7903{i:07d}" for i in range(30)]
+def send_campaign(stack: Stack, name: str = "spring", messages: int = 30) -> None:
+    phones = [f"79{len(name):02d}{i:07d}" for i in range(messages)]
     r = stack.api.post("/api/v1/messages", json={"phone": phones, "txt": "Весенняя акция",
-                                                 "p_transaction_id": "spring"})
+                                                 "p_transaction_id": name, "campaign": name})
     assert r.status_code == 200, r.text
     stack.wait_for_dlrs()
 
@@ -83,6 +83,7 @@ def send_campaign(stack: Stack) -> None:
 def campaign(settings: Settings, engine: Engine) -> Iterator[Stack]:
     with receiver_with_simulator(settings, undelivered_rate=0.4, seen_rate=0.6,
                                  reply_rate=0.5, duplicate_rate=0.2) as stack:
+        send_campaign(stack, "autumn", 6)  # another campaign, which the filter must leave out
         send_campaign(stack)
         yield stack
 
@@ -102,15 +103,27 @@ def lines_of(page: Page, selector: str) -> list[int]:
 
 @pytest.mark.slow
 def test_dashboard_shows_the_campaign(browser: Browser, campaign: Stack) -> None:
-    stats = campaign.api.get("/api/v1/stats", params={"p_transaction_id": "spring"}).json()
+    stats = campaign.api.get("/api/v1/stats", params={"campaign": "spring"}).json()
     assert stats["rejected"] == 0
     # A narrow window: two columns of cards, where long cells would wrap.
     page = browser.new_page(viewport={"width": 960, "height": 1000})
     try:
         page.goto(f"{campaign.api.base_url}/dashboard")
-        page.fill("#campaign", "spring")
-        page.click("#apply")
+        # Every campaign is listed, the most recently active first; choosing one applies it
+        # to every card.
+        expect(page.locator("#campaigns tr[data-campaign]")).to_have_count(2)
+        assert page.locator("#campaigns tr[data-campaign]").first.get_attribute(
+            "data-campaign") == "spring"
+        everyone = campaign.api.get("/api/v1/stats").json()
+        expect(page.locator("#funnel-total")).to_have_text(
+            f"{everyone['funnel']['sent']} messages")
+        page.click("#campaigns a[data-pick='spring']")
+        expect(page.locator("#campaign")).to_have_value("spring")
         expect(page.locator("#funnel-total")).to_have_text(f"{stats['funnel']['sent']} messages")
+        shown = campaign.api.get("/api/v1/replies", params={"campaign": "spring",
+                                                            "limit": 10}).json()["items"]
+        expect(page.locator("#replies tr[data-msg]")).to_have_count(len(shown))
+        assert {m["campaign"] for m in shown} == {"spring"}
         for key in ("sent", "delivered", "seen", "replied"):
             assert bar_number(page, "funnel", key) == stats["funnel"][key], key
         assert stats["funnel"]["sent"] == 30 and stats["by_status_extended"]
@@ -132,7 +145,7 @@ def test_dashboard_shows_the_campaign(browser: Browser, campaign: Stack) -> None
 
         # A reply arriving now shows up without reloading, emoji included.
         msg_id = next(iter(campaign.api.get("/api/v1/messages", params={
-            "p_transaction_id": "spring", "limit": 1}).json()["items"]))["msg_id"]
+            "campaign": "spring", "limit": 1}).json()["items"]))["msg_id"]
         text = f"Новый ответ 👍🎉 {uuid.uuid4().hex[:6]}"
         assert campaign.api.post("/dlr", data={"type": "reply", "msg_id": msg_id,
                                                "text": text}).status_code == 200
