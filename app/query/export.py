@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
@@ -170,9 +171,13 @@ async def export_messages(
     status_extended, sent_at, delivered_at, seen_at, last reply text and time), streamed in
     chunks: CSV with a header line, or one JSON object a line."""
     filters = Filters(campaign, p_transaction_id, status, since, until)
-    name = f"messages-{campaign or 'all'}.{format.value}".replace('"', "")
+    name = f"messages-{campaign or 'all'}.{format.value}"
+    # A header is Latin-1: an ASCII name for every client, the real one (RFC 6266) beside it.
+    plain = "".join(c if c.isascii() and c.isprintable() and c not in '"\\;' else "_"
+                    for c in name)
+    disposition = f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name)}"
     return StreamingResponse(chunks(request.app.state.database, filters, format),
                              media_type=MEDIA[format],
-                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
+                             headers={"Content-Disposition": disposition})
 
 

@@ -167,3 +167,13 @@ def test_dlr_export_writes_the_same_rows(engine: Engine, settings: Any, tmp_path
     docs = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(d["msg_id"] for d in docs) == sorted(f"c{i}" for i in range(12))
     assert "12 messages exported" in result.output
+
+
+async def test_an_export_of_a_campaign_with_any_name_is_a_download(
+        client: httpx.AsyncClient, engine: Engine) -> None:
+    send(engine, ["u1"], 'Весна "2026"; ü')
+    r = await client.get("/api/v1/messages/export", params={"campaign": 'Весна "2026"; ü'})
+    assert r.status_code == 200
+    disposition = r.headers["content-disposition"]
+    assert disposition.isascii() and "filename*=UTF-8''" in disposition
+    assert [row["msg_id"] for row in csv.DictReader(io.StringIO(r.text))] == ["u1"]
