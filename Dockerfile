@@ -29,7 +29,8 @@ FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    DLR_DATABASE_URL=sqlite:////data/dlr.db
+    DLR_DATABASE_URL=sqlite:////data/dlr.db \
+    DLR_SPOOL_PATH=/data/spool.db
 RUN groupadd --system --gid 10001 dlr && useradd --system --uid 10001 --gid dlr --home-dir /srv/dlr dlr \
     && mkdir /data && chown dlr:dlr /data
 WORKDIR /srv/dlr

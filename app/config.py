@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     forward_timeout: float = Field(default=10.0, gt=0, le=300)
     forward_concurrency: int = Field(default=8, ge=1, le=256)
 
+    # The spool (app/store/spool.py): where callbacks are kept while PostgreSQL is away, and
+    # how large it may grow (past it: 503). Unused on SQLite.
+    spool_path: str = "./dlr-spool.db"
+    spool_max_bytes: int = Field(default=1024 ** 3, ge=1024 * 1024)
+
     # Campaigns: a regular expression with a group named `campaign` that derives the label
     # of a message known only from DLRs from its p_transaction_id (unset: no label).
     campaign_pattern: str | None = None
@@ -198,6 +203,18 @@ class Settings(BaseSettings):
         if "campaign" not in compiled.groupindex:
             raise ValueError("needs a group named campaign, e.g. ^(?P<campaign>.+)-[0-9]+$")
         return value
+
+    @field_validator("spool_path")
+    @classmethod
+    def _spool_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is set but empty; give the file the spool is kept in")
+        return value
+
+    @property
+    def spool_file(self) -> str | None:
+        """The spool's file, on PostgreSQL; None on SQLite (the local disk already)."""
+        return None if self.is_sqlite else self.spool_path
 
     @property
     def campaign_regex(self) -> re.Pattern[str] | None:

@@ -32,6 +32,7 @@ from app.send import routes as send_routes
 from app.store.counts import Squasher
 from app.store.db import Database
 from app.store.ingestor import Ingestor
+from app.store.spool import left_over
 from app.store.writers import writer_for
 from app.web import docs, health
 from app.web.api_guard import ApiGuard
@@ -49,6 +50,8 @@ NUL_REFUSED = "a parameter holds a character the database cannot store (NUL)"
 SURROGATE_REFUSED = ("a parameter holds a character the database cannot store "
                      "(a lone UTF-16 surrogate)")
 NUMBER_REFUSED = "a parameter holds a number too large for the database"
+SPOOLING = ("database unavailable: callbacks are being kept in the local spool and will be "
+            "stored when it is back; reads answer again then")
 _DRIVER_MODULES = ("sqlalchemy.", "psycopg.", "psycopg_pool.", "sqlite3.", "app.store.")
 
 
@@ -126,7 +129,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await database.open()
         stack.push_async_callback(database.close)
         ingestor = Ingestor(writer_for(database, forwarding=True),
-                            max_batch=settings.batch_max_size)
+                            max_batch=settings.batch_max_size,
+                            spools=settings.spool_file is not None)
+        ingestor.spool_state = left_over(settings.spool_file)
         ingestor.start()
         # Closed after the forwarder, whose last round may run on the Ingestor's thread, and
         # before the database: uvicorn has stopped accepting and waited for requests in
@@ -205,8 +210,9 @@ def create_app(settings: Settings | None = None, *, tune_process: bool = False) 
             log.info("refused a value the database cannot take: %s", refused)
             return JSONResponse({"detail": refused}, status_code=400)
         log.warning("database error: %s", str(exc).splitlines()[0] if str(exc) else exc)
-        return JSONResponse({"detail": "database unavailable"}, status_code=503,
-                            headers={"Retry-After": "5"})
+        spool = getattr(getattr(request.app.state, "ingestor", None), "spool_state", None)
+        detail = (SPOOLING if spool is not None and spool.active else "database unavailable")
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(UnicodeEncodeError)
     @app.exception_handler(OverflowError)

@@ -98,7 +98,9 @@ AppFactory = Callable[..., Awaitable[FastAPI]]
 def make_settings(**values: Any) -> Settings:
     """Settings for an app built in the test process, as `dlr serve` runs it: the writer in a
     child process unless the test asks for `writer_process=False` (a `ThreadWriter`, driven by
-    the same scheduling code), as a test that patches the write path in this process must."""
+    the same scheduling code), as a test that patches the write path in this process must.
+    Each gets a spool of its own (on PostgreSQL), so no test drains another's."""
+    values.setdefault("spool_path", str(Path(tempfile.mkdtemp(prefix="dlr-spool-")) / "spool.db"))
     return load_settings(_env_file=None, **values)
 
 
@@ -161,7 +163,8 @@ def running_server(env: dict[str, str], *args: str, command: list[str] | None = 
                    cwd: Path | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Start `dlr serve` (or `command`, a serve command line) on a free port; stop it after."""
     port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")} | env
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")} | {
+        "DLR_SPOOL_PATH": str(Path(tempfile.mkdtemp(prefix="dlr-spool-")) / "spool.db")} | env
     base = [DLR, *command[1:]] if command else [DLR, "serve"]
     proc = subprocess.Popen(
         [*base, "--port", str(port), "--log-level", "warning", *args],

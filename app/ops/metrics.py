@@ -45,3 +45,9 @@ FORWARD_BACKLOG = Gauge(
 FORWARD_OLDEST_PENDING = Gauge(
     "dlr_forward_oldest_pending_seconds", "Age of the oldest delivery still pending",
 )
+
+# The spool (app/store/spool.py): callbacks kept on local disk while PostgreSQL is away.
+SPOOL_DEPTH = Gauge("dlr_spool_depth", "Callbacks kept in the local spool, not yet stored")
+SPOOL_OLDEST = Gauge("dlr_spool_oldest_seconds", "Age of the oldest callback in the spool")
+SPOOL_DRAINED = Counter("dlr_spool_drained_total", "Spooled callbacks stored once the "
+                        "database answered again")

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 from app.ops import metrics
 from app.store.write import Item, Outcome, StoreUnavailable
-from app.store.writer import HandingWriter
+from app.store.writer import HandingWriter, SpoolState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RETRY_SECONDS = 1.0  # how often a writer whose database is away is asked to try it again
 
 @dataclass(slots=True)
 class _Pending:
@@ -56,12 +57,18 @@ class Ingestor:
     """
 
     def __init__(self, writer: HandingWriter, *, max_batch: int = 500,
-                 on_commit: Callable[[], None] | None = None) -> None:
+                 on_commit: Callable[[], None] | None = None, spools: bool = False) -> None:
         """`writer`: `writer_for()`'s (app/store/writers.py). `on_commit` is called on the
-        loop after a batch that created deliveries."""
+        loop after a batch that created deliveries. `spools`: the writer keeps a spool
+        (app/store/spool.py), which the Ingestor has it drain when no batch comes."""
         self.max_batch = max_batch
         self.on_commit = on_commit
         self.writer = writer
+        self.spools = spools
+        # The writer's spool as of its last batch (None: not known yet, or no spool).
+        self.spool_state: SpoolState | None = None
+        self._tick: asyncio.TimerHandle | None = None
+        self._closing = False
         # The calls' thread takes them from here; put and get in C, no GIL held while waiting.
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._gathering: list[_Pending] = []  # what this turn of the loop submitted (_flush)
@@ -80,6 +87,9 @@ class Ingestor:
             log.exception("writer did not start")
         self._thread = threading.Thread(target=self._run_calls, name="dlr-calls", daemon=True)
         self._thread.start()
+        if self.spools:
+            # What a process killed during an outage left in the spool is drained now.
+            self._drain_in(0.2)
 
     async def submit(self, item: Item) -> Outcome:
         """Resolve once the item is committed; raise StoreUnavailable if it was not."""
@@ -140,7 +150,8 @@ class Ingestor:
         if len(batch) > self.max_batch:
             self._work.appendleft(batch[self.max_batch:])
             batch = batch[:self.max_batch]
-        metrics.BATCH_SIZE.observe(len(batch))
+        if batch:  # (an empty batch only drains the spool)
+            metrics.BATCH_SIZE.observe(len(batch))
         items = [p.item for p in batch]
         assert self._loop is not None
         try:
@@ -170,8 +181,29 @@ class Ingestor:
         stats = self.writer.take_stats()
         stats.publish()
         self._busy = False
+        if stats.spool is not None:
+            self._spool_seen(stats.spool)
         self._pump()  # the writer goes on with what gathered meanwhile, before the answers
         self._resolve(batch, results, stats.forwarded)
+
+    # --- the spool's drain ------------------------------------------------------------------
+
+    def _spool_seen(self, state: SpoolState) -> None:
+        """Keep the writer draining while anything is spooled: at once while the database
+        answers, every RETRY_SECONDS while it is away (each drain tries it once)."""
+        self.spool_state = state
+        if state.active:
+            self._drain_in(RETRY_SECONDS if state.database_away else 0.0)
+
+    def _drain_in(self, seconds: float) -> None:
+        if self._tick is None and not self._closing and self._loop is not None:
+            self._tick = self._loop.call_later(seconds, self._drain_tick)
+
+    def _drain_tick(self) -> None:
+        self._tick = None
+        if not self._closing and not self._work:  # a batch on its way drains as well
+            self._work.append([])
+            self._pump()
 
     def _settled(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None
                  ) -> None:
@@ -182,6 +214,10 @@ class Ingestor:
 
     async def close(self) -> None:
         """Finish everything queued, then stop (graceful shutdown answers every request)."""
+        self._closing = True
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         self._flush()
         if self._busy or self._work:
             self._drained = asyncio.Event()

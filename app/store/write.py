@@ -28,7 +28,8 @@ from app.store.models import Event, Merge, Message, Rejected, Send
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["new", "duplicate", "rejected"]
+# "spooled": kept in the local spool while PostgreSQL is away (app/store/spool.py).
+Outcome = Literal["new", "duplicate", "rejected", "spooled"]
 
 
 @dataclass(slots=True)
@@ -55,6 +56,11 @@ Item = Notification | Rejection | SendRecord
 
 class StoreUnavailable(RuntimeError):
     """The database could not commit; the caller must not acknowledge."""
+
+
+class DatabaseUnreachable(StoreUnavailable):
+    """The database itself is away (down, unreachable, timed out), not one row refused: what
+    the spool takes over for (app/store/spool.py)."""
 
 
 @dataclass(frozen=True, slots=True)

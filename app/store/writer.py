@@ -21,7 +21,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.core.notifications import Notification, Rejection
 from app.ops import metrics
-from app.store.write import Forwarding, Item, Outcome, StoreUnavailable, store
+from app.store.write import (
+    DatabaseUnreachable,
+    Forwarding,
+    Item,
+    Outcome,
+    StoreUnavailable,
+    store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,20 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolState:
+    """What the server process shows of its writer's spool (app/store/spool.py): /readyz,
+    /metrics, the reads' 503."""
+
+    depth: int               # callbacks (and send records) kept, not yet stored
+    oldest_seconds: float    # age of the oldest kept, 0 when empty
+    database_away: bool      # the last attempt to reach PostgreSQL failed
+
+    @property
+    def active(self) -> bool:
+        return self.depth > 0 or self.database_away
+
+
 @dataclass(slots=True)
 class WriteStats:
     """What a writer observed since it was last asked: handed to the server process's
@@ -40,17 +61,26 @@ class WriteStats:
     commit_seconds: list[float] = field(default_factory=list)
     db_errors: list[str] = field(default_factory=list)  # the exception class of each
     forwarded: int = 0  # deliveries created for forwarding
+    spool: SpoolState | None = None  # a spooling writer's, as of its last batch
+    drained: int = 0  # spooled items stored
 
     def add(self, other: WriteStats) -> None:
         self.commit_seconds += other.commit_seconds
         self.db_errors += other.db_errors
         self.forwarded += other.forwarded
+        self.spool = other.spool or self.spool
+        self.drained += other.drained
 
     def publish(self) -> None:
         for seconds in self.commit_seconds:
             metrics.COMMIT_SECONDS.observe(seconds)
         for kind in self.db_errors:
             metrics.DB_ERRORS.labels(kind=kind).inc()
+        if self.spool is not None:
+            metrics.SPOOL_DEPTH.set(self.spool.depth)
+            metrics.SPOOL_OLDEST.set(self.spool.oldest_seconds)
+        if self.drained:
+            metrics.SPOOL_DRAINED.inc(self.drained)
 
 
 @runtime_checkable
@@ -165,7 +195,9 @@ class Writer:
             return out
         except SQLAlchemyError as exc:
             self._stats.db_errors.append(type(exc).__name__)
-            if _unavailable(exc) or len(items) == 1 and not isinstance(items[0], Notification):
+            if _unavailable(exc):
+                raise DatabaseUnreachable(str(exc).splitlines()[0]) from exc
+            if len(items) <= 1 and not (items and isinstance(items[0], Notification)):
                 raise StoreUnavailable(str(exc).splitlines()[0]) from exc
             if len(items) > 1:
                 log.warning("batch of %d failed (%s); storing one by one", len(items), exc)
@@ -191,13 +223,25 @@ class Writer:
             return list(self.write([fallback]))
 
 
+class BatchWrite(Protocol):
+    """What writes one batch where it runs: a `Writer`, or a `SpoolingWriter` around one."""
+
+    def start(self) -> None: ...
+
+    def write(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]: ...
+
+    def take_stats(self) -> WriteStats: ...
+
+    def close(self) -> None: ...
+
+
 class ThreadWriter:
     """A `Writer` on a thread of this process, handed batches exactly as the child process is
     (`DLR_WRITER_PROCESS=false`: a debugger, a test that patches the write path, a command's
     few send records). The thread writes the batch, leaves the outcomes here and writes one
     byte to a pipe, which is the descriptor the Ingestor waits on."""
 
-    def __init__(self, writer: Writer) -> None:
+    def __init__(self, writer: BatchWrite) -> None:
         self.writer = writer
         self._inbox: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
         self._results: list[Outcome | StoreUnavailable] | None = None

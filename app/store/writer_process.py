@@ -41,6 +41,7 @@ from multiprocessing.util import Finalize
 from app.config import Settings
 from app.store.db import make_engine
 from app.store.outbox import Outbox
+from app.store.spool import spooling
 from app.store.write import Item, Outcome, SendRecord, StoreUnavailable
 from app.store.writer import Writer, WriteStats
 
@@ -186,7 +187,8 @@ def _serve(conn: Connection, settings: Settings, forwarding: bool, level: int) -
     root.handlers = [QueueHandler(records)]  # type: ignore[arg-type]
     root.setLevel(level)
     engine = make_engine(settings, pool_size=1)
-    writer = Writer(engine, Outbox() if forwarding else None)
+    writer = spooling(Writer(engine, Outbox() if forwarding else None), settings.spool_file,
+                      settings.spool_max_bytes)
     try:
         while True:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from app.store.db import Database
 from app.store.outbox import Outbox
+from app.store.spool import spooling
 from app.store.writer import HandingWriter, ThreadWriter, Writer
 from app.store.writer_process import RemoteWriter
 
@@ -18,6 +19,8 @@ def writer_for(database: Database, *, forwarding: bool, child: bool | None = Non
         child = database.settings.writer_process
     if child:
         return RemoteWriter(database.settings, forwarding=forwarding)
-    return ThreadWriter(Writer(database.engine, Outbox() if forwarding else None))
+    settings = database.settings
+    return ThreadWriter(spooling(Writer(database.engine, Outbox() if forwarding else None),
+                                 settings.spool_file, settings.spool_max_bytes))
 
 

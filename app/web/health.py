@@ -26,7 +26,15 @@ async def healthz() -> Response:
 @router.get("/readyz", response_model=Health,
             responses={503: {"description": "database unreachable", "model": ErrorOut}})
 async def readyz(request: Request) -> Response:
-    """The database answers."""
+    """Ready to take callbacks: the database answers, or (PostgreSQL) callbacks are kept in
+    the local spool while it is away, which the answer says: `{"status": "spooling",
+    "database": "unreachable" | "draining", "spool_depth", "spool_oldest_seconds"}`."""
+    spool = getattr(request.app.state.ingestor, "spool_state", None)
+    if spool is not None and spool.active:
+        return JSONResponse({"status": "spooling",
+                             "database": "unreachable" if spool.database_away else "draining",
+                             "spool_depth": spool.depth,
+                             "spool_oldest_seconds": round(spool.oldest_seconds, 1)})
     await request.app.state.database.ping()
     return JSONResponse({"status": "ready"})
 

@@ -25,6 +25,10 @@ class ErrorOut(BaseModel):
 
 class Health(BaseModel):
     status: str
+    # While PostgreSQL is away and callbacks are spooled (/readyz only).
+    database: str | None = None
+    spool_depth: int | None = None
+    spool_oldest_seconds: float | None = None
 
 
 def invalid(loc: tuple[str, ...], msg: str) -> RequestValidationError:
