@@ -14,7 +14,7 @@ router = APIRouter(tags=["operations"])
 
 # Probes ask many times a minute: the answer is built once (validating and serialising the
 # model per request was most of the route's own cost).
-HEALTHY = Health(status="ok").model_dump_json().encode()
+HEALTHY = Health(status="ok").model_dump_json(exclude_none=True).encode()
 
 
 @router.get("/healthz", response_model=Health)
