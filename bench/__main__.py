@@ -37,6 +37,8 @@ from bench.dashboard import dashboard_round
 from bench.dashboard import markdown_rows as dashboard_rows
 from bench.forwarding import forwarding_round, markdown_rows
 from bench.seed import seed
+from bench.spool import markdown_rows as spool_rows
+from bench.spool import spool_round
 
 HERE = Path(__file__).resolve().parent
 DLR = str(Path(sys.executable).with_name("dlr"))
@@ -137,10 +139,11 @@ class Server:
 
     def __init__(self, database_url: str, port: int, workers: int,
                  command: list[str] | None = None, log: Path | None = None,
-                 ready: str = "/readyz") -> None:
+                 ready: str = "/readyz", env: dict[str, str] | None = None) -> None:
         """`command` replaces the quiet `dlr serve` (the logging round's servers); `log`
-        takes the server's output (a pipe nobody reads would block a chatty server)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")}
+        takes the server's output (a pipe nobody reads would block a chatty server); `env`
+        adds settings."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")} | (env or {})
         env["DLR_DATABASE_URL"] = database_url
         self.url = f"http://127.0.0.1:{port}"
         self.log = log.open("wb") if log is not None else None
@@ -181,8 +184,8 @@ class Server:
         body = httpx.get(f"{self.url}/metrics").text
         total = 0.0
         for line in body.splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line
-                                                   for k, v in labels.items()):
+            if line.startswith((name + "{", name + " ")) and all(
+                    f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
@@ -244,6 +247,10 @@ class Database:
         if self.name:
             with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def spooling_server(database_url: str, env: dict[str, str]) -> Server:
+    return Server(database_url, free_port(), 1, env=env)
 
 
 def ingest_round(server: Server, db: Database, seconds: int, connections: int,
@@ -356,6 +363,9 @@ def run(
                           ] = True,
     outage_seconds: Annotated[int, typer.Option(help="How long the forwarding sink is down")
                               ] = 60,
+    spool: Annotated[bool, typer.Option(
+        help="PostgreSQL away for --outage-seconds under ~1,000 callbacks/s: the spool")
+                     ] = True,
     dashboard: Annotated[bool, typer.Option(
         help="Time the dashboard's reads on a bulk sender's day at two sizes")] = True,
     dashboard_sizes: Annotated[str, typer.Option(
@@ -395,12 +405,16 @@ def run(
                     res["forwarding"] = forwarding_round(
                         db, Server, bracketed, free_port, seconds, connections, workdir,
                         outage=outage_seconds)
+                if spool and backend == "postgresql":
+                    console.print(f"[bold]{backend}[/bold]: the database away under load")
+                    res["spool"] = spool_round(db, spooling_server, wrk, workdir,
+                                               outage_seconds, console)
                 if dashboard:
                     console.print(f"[bold]{backend}[/bold]: the dashboard's reads on a day")
                     sizes = dict(part.split("=") for part in dashboard_sizes.split(";"))
                     res["dashboard"] = dashboard_round(
                         db, lambda url=db.url: Server(url, free_port(), 1),
-                        [int(n) for n in sizes[backend].split(",")], console)
+                        [int(n) for n in sizes[backend].split(",")], console, DLR, HERE)
                     db.reset()
                 if seed_messages:
                     console.print(f"[bold]{backend}[/bold]: seeding {seed_messages:,} messages")
@@ -465,6 +479,8 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{r['p99_ms']:.1f} | {r['non_200']} | – | {lk['memory']['peak_mb']} | "
                     f"{cell(r['cpu'], lk['baseline_cpu'])} |")
     for backend, res in results["backends"].items():
+        if "spool" in res:
+            lines += ["", *spool_rows(res["spool"])]
         if "dashboard" in res:
             lines += ["", *dashboard_rows(backend, res["dashboard"])]
     return "\n".join(lines) + "\n"

@@ -113,7 +113,7 @@ def timed(url: str) -> dict[str, dict[str, float]]:
 
 
 def dashboard_round(db: Any, start_server: Callable[[], Any], sizes: list[int],
-                    console: Any) -> dict[str, Any]:
+                    console: Any, dlr: str = "", here: Any = None) -> dict[str, Any]:
     """Seed the day up to each size in turn and time every read on a fresh server."""
     results: dict[str, Any] = {"sizes": sizes, "reads": {}}
     seeded = 0
@@ -131,6 +131,9 @@ def dashboard_round(db: Any, start_server: Callable[[], Any], sizes: list[int],
                 results["export"] = export_timed(server)
         finally:
             server.stop()
+    if dlr:
+        console.print("  dlr purge of the day while callbacks arrive")
+        results["purge"] = purge_round(db, start_server, dlr, here)
     return results
 
 
@@ -163,9 +166,64 @@ def markdown_rows(backend: str, res: dict[str, Any]) -> list[str]:
             for s in sizes)
         ratio = last[name]["p99_ms"] / max(first[name]["p99_ms"], 0.1)
         lines.append(f"| | {name} | {cells} | {ratio:.2f} |")
+    pu = res.get("purge")
+    if pu:
+        lines.append(f"| | dlr purge of the day ({pu['purged']}) while callbacks arrive at "
+                     f"{pu['callbacks_per_second']:,}/s | {pu['purge_seconds']} s; callbacks "
+                     f"p50 / p99 {pu['p50_ms']:.1f} / {pu['p99_ms']:.1f} ms, non-200 "
+                     f"{pu['non_200']} | counts agree with the rows after it: "
+                     f"{'yes' if pu['counts_right'] else 'NO'} | |")
     ex = res.get("export")
     if ex:
         lines.append(f"| | export of one campaign, CSV | {ex['rows']:,} rows in "
                      f"{ex['seconds']} s ({ex['rows_per_second']:,} rows/s) | server RSS "
                      f"+{ex['rss_growth_mb']} MB (peak +{ex['peak_growth_mb']} MB) | |")
     return lines
+
+
+def purge_round(db: Any, start_server: Callable[[], Any], dlr: str, here: Any) -> dict[str, Any]:
+    """`dlr purge` of the seeded day while callbacks arrive at about 1,000/s (wrk, 10
+    connections, 10 ms between each one's requests): how long it took, the callbacks'
+    latency meanwhile, and whether the counts still agree with the rows afterwards."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    from app.store.counts import window
+
+    server = start_server()
+    env = os.environ | {"BENCH_PREFIX": "purge", "BENCH_DELAY_MS": "10"}
+    load = subprocess.Popen(
+        ["wrk", "-t1", "-c10", "-d3600s", "--latency", "-s", str(here / "mix.lua"),
+         server.url], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(5)  # the load settles before the purge starts
+        started = time.monotonic()
+        purge = subprocess.run(
+            [dlr, "purge", "--older-than", "5min", "--yes"], capture_output=True, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("DLR_")}
+            | {"DLR_DATABASE_URL": db.url})
+        took = time.monotonic() - started
+        time.sleep(2)
+    finally:
+        load.send_signal(signal.SIGINT)
+        out, _ = load.communicate(timeout=60)
+        server.stop()
+    line = next((x for x in out.splitlines() if x.startswith("WRK_JSON ")), None)
+    stats = json.loads(line.removeprefix("WRK_JSON ")) if line else {}
+    with db.engine.connect() as conn:
+        counted = window(conn, since=None, until=None)
+        rows = conn.execute(text("SELECT count(*), count(delivered_at), count(seen_at) "
+                                 "FROM messages")).one()
+        events = conn.execute(text("SELECT count(*) FROM events")).scalar()
+    right = (counted.get("messages"), counted.get("reached"), counted.get("opened")) == tuple(
+        rows) and sum(counted.get(f"ev_{t}") for t in ("delivery", "seen", "reply")) == events
+    return {"purge_seconds": round(took, 1), "purge_exit": purge.returncode,
+            "purged": purge.stdout.strip().splitlines()[-1] if purge.stdout.strip() else "",
+            "callbacks": stats.get("requests", 0),
+            "callbacks_per_second": round(stats.get("requests", 0) / max(
+                stats.get("duration_us", 1) / 1e6, 1e-9)),
+            "p50_ms": stats.get("p50_us", 0) / 1000, "p99_ms": stats.get("p99_us", 0) / 1000,
+            "non_200": stats.get("status_errors", 0) + stats.get("timeouts", 0),
+            "counts_right": right, "messages_left": rows[0]}

@@ -5,6 +5,8 @@
 local prefix = os.getenv("BENCH_PREFIX") or "bench"
 local resend_share = tonumber(os.getenv("BENCH_RESEND") or "0.1")
 local method = os.getenv("BENCH_METHOD") or "POST"
+-- Milliseconds each connection waits between its requests (a steady rate rather than a burst).
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local codes = {"VIBER_USER_NOT_FOUND", "VIBER_EXPIRED", "VIBER_BLOCKED_BY_USER", "PHONE_INCORRECT"}
 -- "Спасибо, получил" percent-encoded
 local reply_text = "%D0%A1%D0%BF%D0%B0%D1%81%D0%B8%D0%B1%D0%BE%2C+%D0%BF%D0%BE%D0%BB%D1%83%D1%87%D0%B8%D0%BB"
@@ -49,6 +51,12 @@ local function new_body()
     reply_next = reply_next + 1
     return string.format("type=reply&msg_id=%s-%d-%d&text=%s+%d", prefix, tid, reply_next,
       reply_text, reply_next)
+  end
+end
+
+if delay_ms > 0 then
+  function delay()
+    return delay_ms
   end
 end
 

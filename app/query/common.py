@@ -1,12 +1,10 @@
-"""What the REST reads share: the database dependency and the time window."""
+"""What the REST reads share: the database dependency and the time window's parameters."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Query, Request
-from sqlalchemy import ColumnElement
 
 from app.store.db import Database
 from app.web.schemas import UtcDateTime
@@ -21,15 +19,3 @@ async def get_database(request: Request) -> Database:
 DatabaseDep = Annotated[Database, Depends(get_database)]
 Since = Annotated[UtcDateTime | None, Query(description="ISO 8601; inclusive")]
 Until = Annotated[UtcDateTime | None, Query(description="ISO 8601; exclusive")]
-
-
-def window(col: Any, since: datetime | None, until: datetime | None
-            ) -> list[ColumnElement[bool]]:
-    conds: list[ColumnElement[bool]] = []
-    if since is not None:
-        conds.append(col >= since)
-    if until is not None:
-        conds.append(col < until)
-    return conds
-
-

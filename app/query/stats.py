@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 
 from app.core.notifications import SHOWN_PREFIX, SMS_KIND, STORED_PREFIX, Status
 from app.core.times import utcnow
-from app.query.common import DatabaseDep, Since, Until, window
+from app.query.common import DatabaseDep, Since, Until
 from app.query.schemas import Funnel, Stats, Timeline, TimelinePoint
 from app.store import counts
+from app.store.counts import within
 from app.store.db import Database
 from app.store.models import Event, Message, Rejected
 from app.web.routing import api_router
@@ -52,11 +53,11 @@ async def stats(database: DatabaseDep, since: Since = None, until: Until = None,
 async def _scanned_stats(database: Database, since: datetime | None, until: datetime | None,
                          p_transaction_id: str, campaign: str | None) -> Stats:
     """One p_transaction_id's stats, counted from its messages (its index bounds the read)."""
-    scope = window(Message.created_at, since, until)
+    scope = within(Message.created_at, since, until)
     scope.append(Message.p_transaction_id == p_transaction_id)
     if campaign is not None:
         scope.append(Message.campaign == campaign)
-    event_scope = window(Event.received_at, since, until)
+    event_scope = within(Event.received_at, since, until)
     event_scope.append(Event.p_transaction_id == p_transaction_id)
 
     def read(session: Session) -> Stats:
@@ -92,7 +93,7 @@ async def _scanned_stats(database: Database, since: datetime | None, until: date
         ).all())
         rejected = session.scalar(
             select(func.count()).select_from(Rejected)
-            .where(*window(Rejected.received_at, since, until))
+            .where(*within(Rejected.received_at, since, until))
         ) or 0
         return Stats(
             since=since, until=until, p_transaction_id=p_transaction_id,

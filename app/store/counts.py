@@ -85,8 +85,9 @@ def ceil_minute(t: datetime) -> datetime:
     return floor if floor == t else floor + MINUTE
 
 
-def _within(column: Any, since: datetime | None, until: datetime | None
-            ) -> list[ColumnElement[bool]]:
+def within(column: Any, since: datetime | None, until: datetime | None
+           ) -> list[ColumnElement[bool]]:
+    """Conditions: `column` in [since, until), either end open when None."""
     conds: list[ColumnElement[bool]] = []
     if since is not None:
         conds.append(column >= since)
@@ -121,19 +122,19 @@ def _scan(conn: Connection, since: datetime, until: datetime, campaign: str) -> 
     mine = [] if campaign == ALL else [M.c.campaign == campaign]
     status = _status_expressions()
     row = conn.execute(select(*status.values())
-                       .where(*_within(M.c.created_at, since, until), *mine)).one()
+                       .where(*within(M.c.created_at, since, until), *mine)).one()
     code = shown_code(M.c.kind, M.c.status_extended)
     codes = {c: n for c, n in conn.execute(
-        select(code, func.count()).where(*_within(M.c.created_at, since, until), *mine,
+        select(code, func.count()).where(*within(M.c.created_at, since, until), *mine,
                                          M.c.status_extended.is_not(None)).group_by(code))}
     totals.add(dict(zip(status, row, strict=True)), codes)
-    events = select(E.c.type, func.count()).where(*_within(E.c.received_at, since, until))
+    events = select(E.c.type, func.count()).where(*within(E.c.received_at, since, until))
     if campaign != ALL:
         events = events.join(M, M.c.msg_key == E.c.msg_key).where(M.c.campaign == campaign)
     totals.add({f"ev_{t}": n for t, n in conn.execute(events.group_by(E.c.type))}, {})
     if campaign == ALL:
         totals.add({"rejected": conn.execute(select(func.count()).select_from(R).where(
-            *_within(R.c.received_at, since, until))).scalar_one()}, {})
+            *within(R.c.received_at, since, until))).scalar_one()}, {})
     return totals
 
 
@@ -142,11 +143,11 @@ def _summed(conn: Connection, since: datetime | None, until: datetime | None,
     """The counts of the whole minutes in [since, until) (both on a minute, or None)."""
     totals = Totals()
     names = [*STATUS_COLUMNS, *EVENT_COLUMNS, "rejected"]
-    where = [MC.c.campaign == campaign, *_within(MC.c.bucket, since, until)]
+    where = [MC.c.campaign == campaign, *within(MC.c.bucket, since, until)]
     row = conn.execute(select(*(func.sum(MC.c[n]) for n in names)).where(*where)).one()
     codes = {c: n for c, n in conn.execute(
         select(CC.c.code, func.sum(CC.c.n))
-        .where(CC.c.campaign == campaign, *_within(CC.c.bucket, since, until))
+        .where(CC.c.campaign == campaign, *within(CC.c.bucket, since, until))
         .group_by(CC.c.code))}
     totals.add(dict(zip(names, row, strict=True)), codes)
     return totals

@@ -89,6 +89,13 @@ async def test_sqlite_locked_gives_503_and_recovery_needs_no_restart(
     assert events(engine) == 31  # exactly what was acknowledged: nothing more, nothing less
 
 
+def relayed(database_url: str) -> tuple[TcpCutter, str]:
+    """A cuttable relay in front of the test's PostgreSQL, and the URL that goes through it."""
+    url = make_url(database_url)
+    cutter = TcpCutter((url.host or "127.0.0.1", url.port or 5432))
+    return cutter, url.set(port=cutter.port).render_as_string(hide_password=False)
+
+
 async def eventually(check: Any, timeout: float = 20.0) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -108,9 +115,7 @@ async def test_postgresql_away_spools_and_drains(
     the normal write path, exactly once, and new callbacks go on being answered."""
     if backend != "postgresql":
         pytest.skip("SQLite is the local disk: nothing to spool to (the test above)")
-    url = make_url(settings.database_url)
-    cutter = TcpCutter((url.host or "127.0.0.1", url.port or 5432))
-    proxied = url.set(port=cutter.port).render_as_string(hide_password=False)
+    cutter, proxied = relayed(settings.database_url)
     spool = tmp_path / "spool.db"
     try:
         app = await app_with(database_url=proxied, db_timeout=1, spool_path=str(spool),
@@ -167,9 +172,7 @@ async def test_a_spool_that_cannot_be_written_is_a_503(
     over DLR_SPOOL_MAX_BYTES, answers 503 (the provider re-sends)."""
     if backend != "postgresql":
         pytest.skip("SQLite is the local disk: nothing to spool to")
-    url = make_url(settings.database_url)
-    cutter = TcpCutter((url.host or "127.0.0.1", url.port or 5432))
-    proxied = url.set(port=cutter.port).render_as_string(hide_password=False)
+    cutter, proxied = relayed(settings.database_url)
     full = tmp_path / "full.db"
     with sqlite3.connect(full) as db:  # a spool already over its limit of 1 MiB
         db.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY, items BLOB NOT NULL, "
