@@ -361,7 +361,8 @@ def run(
     forwarding: Annotated[bool, typer.Option(
         help="Measure forwarding: ingest with an endpoint, latency, drain after an outage")
                           ] = True,
-    outage_seconds: Annotated[int, typer.Option(help="How long the forwarding sink is down")
+    outage_seconds: Annotated[int, typer.Option(
+        help="How long the forwarding sink is down, and PostgreSQL in the spool round")
                               ] = 60,
     spool: Annotated[bool, typer.Option(
         help="PostgreSQL away for --outage-seconds under ~1,000 callbacks/s: the spool")
