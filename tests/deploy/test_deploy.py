@@ -67,6 +67,11 @@ def test_compose_waits_for_a_healthy_database_on_a_named_volume() -> None:
     # The database's files live on a named volume, so `docker compose down` keeps them.
     assert "pgdata:/var/lib/postgresql/data" in db["volumes"]
     assert "pgdata" in compose["volumes"]
+    # So does the service's spool (the image keeps it at /data/spool.db): a callback
+    # answered 200 during a database outage must outlive the container.
+    assert "dlrdata:/data" in app["volumes"] and "dlrdata" in compose["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "DLR_SPOOL_PATH=/data/spool.db" in dockerfile and 'VOLUME ["/data"]' in dockerfile
     # The grace period outlasts the server's own 30 s drain of requests in flight.
     assert int(app["stop_grace_period"].removesuffix("s")) > 30
 
