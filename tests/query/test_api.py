@@ -88,7 +88,8 @@ async def test_replies_newest_first_with_their_message(
     rest = (await client.get("/api/v1/replies", params={"cursor": page["next_cursor"]})).json()
     assert rest["items"] == [{"msg_id": "rq1", "p_transaction_id": "camp-R",
                               "phone": "79000000009", "text": "first",
-                              "received_at": rest["items"][0]["received_at"]}]
+                              "received_at": rest["items"][0]["received_at"],
+                              "campaign": None}]
     assert rest["next_cursor"] is None
 
 
