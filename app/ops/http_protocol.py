@@ -10,6 +10,8 @@ uvicorn times out idle keep-alive connections but nothing else at the connection
 - The request head has a size limit, HEAD_LIMIT bytes for the request line and all headers
   together: over it the answer is 431 and the connection is closed. httptools keeps the whole
   head in memory and has no limit of its own (uvicorn's h11 setting does not apply to it).
+  Requests pipelined before the refused head are answered first, in order: the 431 waits for
+  them (reading stops meanwhile) and goes out after the last of their answers.
 - An answer sent before the request body has fully arrived (408, 413, 403, 405, ...) goes
   out with `Connection: close` and the connection is closed, instead of reading the rest of
   a body nobody will use.
@@ -84,6 +86,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     # After a refusal: the answer is out, whatever else arrives is dropped.
     _discarding = False
     _linger_timer: asyncio.TimerHandle | None = None
+    # A head over the limit came while earlier requests were still being answered: the 431
+    # is owed, sent once they all are. Nothing more is read (or parsed) meanwhile.
+    _owes_431 = False
 
     # --- the head deadline -------------------------------------------------------------
 
@@ -124,6 +129,15 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self.transport.is_closing():
             return
+        if self._owes_431:
+            if self._discarding:
+                return  # the connection is closing already (nothing may follow write_eof)
+            if self._answering() or self.pipeline:
+                self.flow.pause_reading()  # super() resumed it; a request is still answered
+            else:
+                self._owes_431 = False
+                self._send_431()  # after the answers to every request before the head
+            return
         if self._in_head and not self._answering():
             # The next head began while this request was answered: its deadline starts now
             # (the wait for the answer was the server's time, not the client's). A request
@@ -156,8 +170,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     # --- the head size -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._discarding:
-            return
+        if self._discarding or self._owes_431:
+            return  # after a refused head (read while paused, e.g. resumed by a receive)
         self._unset_keepalive_if_required()
         head_before = self._in_head
         idle_before = not self._in_head and not self._answering()
@@ -172,7 +186,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             return
         except httptools.HttpParserError:
             if self._head_refused:
-                self._send_431()
+                self._refuse_head()
             else:
                 self.logger.warning("Invalid HTTP request received.")
                 self.send_400_response("Invalid HTTP request received.")
@@ -187,10 +201,22 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
                 # The head began after other bytes of the chunk: count what was parsed.
                 self._head_bytes = max(self._head_bytes, self._field_bytes)
             if self._head_bytes > HEAD_LIMIT:
-                self._send_431()
+                self._refuse_head()
                 return
         if not self._answering():
             self._arm()  # bytes of a next head (or noise) are pending: they have a deadline
+
+    def _refuse_head(self) -> None:
+        """Answer a head over the limit with 431: at once, or, while requests that came before
+        it are still being answered (in the same packet, or pipelined), after their answers,
+        from `on_response_complete`. Writing it now would put it ahead of those answers, and
+        close the connection before they are written."""
+        if self._answering() or self.pipeline:
+            self._owes_431 = True
+            self._disarm()  # the head is refused already: no deadline for the rest of it
+            self.flow.pause_reading()
+        else:
+            self._send_431()
 
     def _send_431(self) -> None:
         self.logger.info("refused a request head over %d bytes", HEAD_LIMIT)

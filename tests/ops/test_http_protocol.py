@@ -236,11 +236,6 @@ def test_a_head_of_15_kib_is_served(serve: Callable[..., int], sent: str) -> Non
         assert _read_response(sock, bytearray())[:3:2] == (200, b"hello")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app/ops/http_protocol.py: the 431 for a head over the limit is written straight to the "
-    "transport from data_received (_send_431), ahead of the answer to a whole request that "
-    "came before it in the same packet, which is then lost (written after write_eof): the "
-    "client reads 431 as the answer to its first, valid request"))
 def test_a_big_head_pipelined_behind_a_request_is_refused_after_that_request_is_answered(
         serve: Callable[..., int]) -> None:
     with _connect(serve()) as sock:
