@@ -35,8 +35,8 @@ from app.store.writer import SpoolState, Writer, WriteStats
 
 log = logging.getLogger(__name__)
 
-DRAIN_ITEMS = 2000        # callbacks drained in one transaction
-DRAIN_SECONDS = 0.5       # what one drain call may take before new batches get their turn
+DRAIN_ITEMS = 5000        # callbacks drained in one transaction
+DRAIN_SECONDS = 1.0       # what one drain call may take before new batches get their turn
 RETRY_SECONDS = 1.0       # how soon PostgreSQL is tried again after it failed
 
 
@@ -101,8 +101,8 @@ class Spool:
 
     def oldest(self, most: int) -> list[tuple[int, list[Item]]]:
         """The oldest batches, up to about `most` items (at least one batch)."""
-        rows = self._open().execute("SELECT id, items, n FROM spool ORDER BY id").fetchmany(
-            max(1, most // 50))
+        rows = self._open().execute("SELECT id, items, n FROM spool ORDER BY id LIMIT ?",
+                                    (max(1, most // 20),)).fetchall()
         taken: list[tuple[int, list[Item]]] = []
         count = 0
         for row_id, blob, n in rows:
