@@ -93,7 +93,9 @@ def test_server_and_its_worker_count_as_the_server_and_wrk_as_wrk(tmp_path: Path
     tick = 0.01 * len(group) * 2  # each reading is in whole clock ticks, per process
     assert server_used - tick <= cpu["server"] <= outer_after - outer_before + tick
     assert 0.25 <= cpu["wrk"] < 0.6
-    assert cpu["database"] == 0.0 and cpu["sink"] == 0.0
+    # The machine's own PostgreSQL may do background work (autovacuum) meanwhile: a tick or
+    # two of it, never the busy processes' seconds.
+    assert cpu["database"] < 0.1 and cpu["sink"] == 0.0
     assert cpu["wall_core_s"] > cpu["idle_core_s"] >= 0.0
 
     summary = per_request(cpu, requests=1000)

@@ -27,7 +27,7 @@ from app.config import Settings
 
 from ..helpers import DLR, TcpCutter, add_endpoint, free_port, running_sink
 
-BURST = 1500
+BURST = 900
 CONCURRENCY = 32
 pytestmark = pytest.mark.slow  # real servers, a burst and a restart (about 20 s)
 
@@ -41,7 +41,9 @@ def notification(i: int) -> dict[str, str]:
 def start(database_url: str, spool: Path, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLR_")} | {
         "DLR_DATABASE_URL": database_url, "DLR_SPOOL_PATH": str(spool), "DLR_DB_TIMEOUT": "2",
-        "DLR_FORWARD_RETRY_SCHEDULE": "1,1,1,1,1"}
+        # Short attempts: what the killed server had claimed comes back when its lease (a
+        # few timeouts and 10 s) has passed.
+        "DLR_FORWARD_RETRY_SCHEDULE": "1,1,1,1,1", "DLR_FORWARD_TIMEOUT": "1"}
     return subprocess.Popen([DLR, "serve", "--port", str(port), "--no-access-log",
                              "--log-level", "warning"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,10 +147,15 @@ async def test_kill_9_during_an_outage_loses_nothing_answered_200(
                     "SELECT count(*) FROM outbound_events WHERE msg_key LIKE 'spool-%'"
                 )).scalar()
             assert changes and changes >= len({notification(i)["msg_id"] for i in answered})
-            got = await asyncio.to_thread(
-                sink.wait_for, changes, 60,
-                lambda r: b'"spool-' in r.body)
-            assert len({r.webhook_id for r in got}) == changes
+            # At least once: a webhook the killed server had sent but not recorded may come
+            # again (the same webhook-id); every change must arrive.
+            deadline = time.monotonic() + 120
+            while True:
+                ids = {r.webhook_id for r in sink.requests() if b'"spool-' in r.body}
+                if len(ids) >= changes or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert len(ids) == changes
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
