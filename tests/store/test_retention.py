@@ -22,17 +22,7 @@ from ..helpers import add_endpoint, count, dlr, emit, status_event
 async def test_purge_deletes_only_what_is_older(
     client: httpx.AsyncClient, engine: Engine, settings: Settings
 ) -> None:
-    for i in range(5):
-        await dlr(client, type="delivery", msg_id=f"old{i}", status="delivered")
-        await dlr(client, type="seen", msg_id=f"old{i}")
-    await dlr(client, type="bogus", msg_id="old-rejected")
-    await dlr(client, type="delivery", msg_id="new", status="delivered")
-    long_ago = datetime.now(UTC) - timedelta(days=120)
-    with engine.begin() as conn:
-        conn.execute(update(Event).where(Event.msg_key.like("old%")).values(received_at=long_ago))
-        conn.execute(update(Message).where(Message.msg_key.like("old%"))
-                     .values(updated_at=long_ago))
-        conn.execute(update(Rejected).values(received_at=long_ago))
+    await old_and_new(client, engine, old=5)
 
     result = CliRunner().invoke(cli, ["purge", "--older-than", "90d", "--batch", "3", "--yes"],
                                 env={"DLR_DATABASE_URL": settings.database_url})
@@ -122,9 +112,10 @@ async def test_a_dry_run_counts_exactly_what_the_run_deletes_forwarding_included
         assert count(engine, Delivery) == 4
 
 
-async def old_and_new(client: httpx.AsyncClient, engine: Engine) -> None:
-    """Two messages (four events) and a rejected callback from 120 days ago, one of today."""
-    for i in range(2):
+async def old_and_new(client: httpx.AsyncClient, engine: Engine, old: int = 2) -> None:
+    """`old` messages (two events each) and a rejected callback from 120 days ago, one of
+    today."""
+    for i in range(old):
         await dlr(client, type="delivery", msg_id=f"old{i}", status="delivered")
         await dlr(client, type="seen", msg_id=f"old{i}")
     await dlr(client, type="bogus", msg_id="old-rejected")
