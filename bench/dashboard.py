@@ -2,7 +2,8 @@
 and one campaign, a day's timeline, the campaign list and a page by time, each timed at two
 sizes of the same day's data, so that a read that grows with the rows shows.
 
-A day is seeded set-based: messages first known across the last 24 hours in 20 campaigns,
+A day is seeded set-based: messages first known across the last 24 hours in 17 campaigns (one,
+sale-0, holds a fifth of the day: the 1,000,000-message campaign the export is timed on),
 three notifications each, through the same tables and triggers the write path uses (so the
 counts are kept by the database as they are in service), then squashed as the app squashes.
 """
@@ -48,7 +49,7 @@ def seed_day(engine: Engine, start: int, stop: int, total: int) -> None:
         rank = "CASE WHEN g % 10 = 0 THEN 2 WHEN g % 10 < 4 THEN 3 ELSE 2 END"
         ext = "CASE WHEN g % 10 = 0 THEN 'VIBER_USER_NOT_FOUND' END"
         label = f"(g % {CAMPAIGNS})::text" if pg else f"CAST(g % {CAMPAIGNS} AS TEXT)"
-        campaign = f"'sale-' || {label}"
+        campaign = f"(CASE WHEN g % 5 = 0 THEN 'sale-0' ELSE 'sale-' || {label} END)"
         conn.execute(text(f"""
             INSERT INTO messages (msg_key, msg_id, p_transaction_id, phone, sender, kind,
                 status, status_rank, status_extended, sent_at, delivered_at, seen_at,
@@ -138,15 +139,17 @@ def dashboard_round(db: Any, start_server: Callable[[], Any], sizes: list[int],
 
 
 def export_timed(server: Any) -> dict[str, Any]:
-    """One campaign's export streamed whole: rows, seconds, and the server's memory."""
+    """The largest campaign's export streamed whole: rows, seconds, and the server's memory.
+    The client only counts line ends (splitting a million lines in Python would time this
+    client, not the server)."""
     before = server.memory_mb()
     started = time.perf_counter()
     rows = 0
     with httpx.stream("GET", f"{server.url}/api/v1/messages/export",
-                      params={"campaign": "sale-7"}, timeout=600) as r:
+                      params={"campaign": "sale-0"}, timeout=600) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            rows += bool(line)
+        for chunk in r.iter_raw():
+            rows += chunk.count(b"\n")
     seconds = time.perf_counter() - started
     after = server.memory_mb()
     return {"rows": rows - 1, "seconds": round(seconds, 2),

@@ -17,7 +17,10 @@ from urllib.parse import quote
 
 from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import Connection, Select, bindparam, case, select, tuple_
+from sqlalchemy import Connection, Select, String, bindparam, case, select, tuple_
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from app.core.notifications import Status
 from app.query.common import Since, Until
@@ -53,6 +56,30 @@ class Filters:
         return {k: v for k, v in values.items() if v is not None}
 
 
+class iso_utc(FunctionElement[str]):  # noqa: N801 - named as the SQL function it stands for
+    """A UTC time as the export writes it (2026-12-07T10:00:00.000000Z), formatted by the
+    database: formatting a million rows' four times in Python took half the export's time."""
+
+    type = String()
+    inherit_cache = True
+    name = "iso_utc"
+
+
+@compiles(iso_utc, "postgresql")
+def _iso_postgresql(element: iso_utc, compiler: SQLCompiler, **kw: Any) -> str:
+    column = compiler.process(element.clauses, **kw)
+    return f"""to_char(({column}) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+
+
+@compiles(iso_utc, "sqlite")
+def _iso_sqlite(element: iso_utc, compiler: SQLCompiler, **kw: Any) -> str:
+    # Stored as naive UTC text, 'YYYY-MM-DD HH:MM:SS' with 0 to 6 digits of fraction: padded
+    # to six, as datetime.isoformat(timespec="microseconds") writes it.
+    column = compiler.process(element.clauses, **kw)
+    return (f"(substr(replace({column}, ' ', 'T') || CASE WHEN length({column}) > 19 "
+            f"THEN '000000' ELSE '.000000' END, 1, 26) || 'Z')")
+
+
 def _last_reply(column: Any) -> Any:
     """The latest reply's text or time, looked up only for messages that have one."""
     latest = (select(column).where(_E.msg_key == _M.msg_key, _E.type == "reply")
@@ -80,42 +107,34 @@ def _statement(filters: tuple[str, ...], first: bool) -> Select[Any]:
                      if by_time else _M.id > bindparam("after"))
     order = (_M.created_at, _M.id) if by_time else (_M.id,)
     return (select(_M.msg_id, _M.campaign, _M.p_transaction_id, _M.phone, _M.status,
-                   shown_code(_M.kind, _M.status_extended), _M.sent_at, _M.delivered_at,
-                   _M.seen_at, _last_reply(_E.text), _last_reply(_E.received_at),
-                   _M.id, _M.created_at)
+                   shown_code(_M.kind, _M.status_extended), iso_utc(_M.sent_at),
+                   iso_utc(_M.delivered_at), iso_utc(_M.seen_at), _last_reply(_E.text),
+                   _last_reply(iso_utc(_E.received_at)), *reversed(order))
             .where(*conds).order_by(*order).limit(bindparam("chunk")))
 
 
-def _time(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):  # SQLite's stored text, read without the column's type
-        value = datetime.fromisoformat(value)
-    text: str = value.isoformat(timespec="microseconds")
-    return text.replace("+00:00", "Z") if "+" in text else text + "Z"
-
-
-def _record(row: Sequence[Any]) -> dict[str, Any]:
-    values = dict(zip(COLUMNS, row[:len(COLUMNS)], strict=True))
-    for name in ("sent_at", "delivered_at", "seen_at", "last_reply_at"):
-        values[name] = _time(values[name])
-    return values
-
-
-def _encode(rows: list[dict[str, Any]], fmt: Format, header: bool) -> str:
+def _encode(rows: Sequence[Sequence[Any]], fmt: Format, header: bool) -> str:
+    """A chunk's text. Every value arrives as the file shows it (times formatted by the
+    database), so the rows go to the C encoders as they are; the two keys used for the next
+    chunk are cut off the end."""
+    width = len(COLUMNS)
     if fmt is Format.ndjson:
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        dumps = json.JSONEncoder(ensure_ascii=False).encode
+        return "".join([dumps(dict(zip(COLUMNS, r[:width], strict=True))) + "\n"
+                        for r in rows])
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\n")
     if header:
-        writer.writeheader()
-    writer.writerows(rows)
+        writer.writerow(COLUMNS)
+    writer.writerows(r[:width] for r in rows)
     return out.getvalue()
 
 
-def _next(filters: Filters, rows: list[Any]) -> dict[str, Any]:
-    last = rows[-1]
-    return {"after": int(last[-2]), "after_at": last[-1]}
+def _next(rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """Where the next chunk starts: the id (and the time, paging by time) of this one's last
+    row, which the statement selects after the columns."""
+    keys = rows[-1][len(COLUMNS):]
+    return {"after": keys[0], "after_at": keys[-1]}
 
 
 def chunks_sync(conn: Connection, filters: Filters, fmt: Format) -> Iterator[tuple[str, int]]:
@@ -125,13 +144,14 @@ def chunks_sync(conn: Connection, filters: Filters, fmt: Format) -> Iterator[tup
     after: dict[str, Any] = {}
     header = True
     while True:
-        rows = list(conn.execute(_statement(names, not after), params | after | {"chunk": CHUNK}))
+        rows = conn.execute(_statement(names, not after),
+                            params | after | {"chunk": CHUNK}).all()
         if rows or header:
-            yield _encode([_record(r) for r in rows], fmt, header), len(rows)
+            yield _encode(rows, fmt, header), len(rows)
         header = False
         if len(rows) < CHUNK:
             return
-        after = _next(filters, rows)
+        after = _next(rows)
 
 
 async def chunks(database: Database, filters: Filters, fmt: Format) -> AsyncIterator[bytes]:
@@ -144,11 +164,11 @@ async def chunks(database: Database, filters: Filters, fmt: Format) -> AsyncIter
         rows = await database.read_rows(_statement(names, not after),
                                         params | after | {"chunk": CHUNK})
         if rows or header:
-            yield _encode([_record(r) for r in rows], fmt, header).encode()
+            yield _encode(rows, fmt, header).encode()
         header = False
         if len(rows) < CHUNK:
             return
-        after = _next(filters, rows)
+        after = _next(rows)
 
 
 router = api_router(tags=["api"])

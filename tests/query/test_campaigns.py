@@ -156,6 +156,47 @@ async def test_the_export_has_one_row_per_message(client: httpx.AsyncClient,
          "sent_at", "delivered_at", "seen_at", "last_reply_text", "last_reply_at"])]
 
 
+def _instant(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+async def test_the_export_equals_the_messages_across_many_chunks(
+        client: httpx.AsyncClient, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every message once, with the values its own lookup shows, however the chunks fall; the
+    times written by the database are the lookup's instants, to the microsecond."""
+    monkeypatch.setattr("app.query.export.CHUNK", 2)
+    ids = [f"k{i}" for i in range(7)]
+    send(engine, ids, "chunked")
+    await dlr(client, type="delivery", status="delivered", msg_id="k1")
+    await dlr(client, type="seen", msg_id="k1")
+    await dlr(client, type="delivery", status="undelivered", msg_id="k4",
+              status_extended="VIBER_USER_NOT_FOUND")
+    await dlr(client, type="reply", msg_id="k6", text='a "quoted", reply\non two lines')
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    for params in ({"campaign": "chunked"}, {"since": since}):
+        for fmt in ("csv", "ndjson"):
+            r = await client.get("/api/v1/messages/export", params=params | {"format": fmt})
+            assert r.status_code == 200
+            rows = (list(csv.DictReader(io.StringIO(r.text))) if fmt == "csv"
+                    else [json.loads(line) for line in r.text.splitlines()])
+            assert [row["msg_id"] for row in rows] == ids, (params, fmt)
+            for row in rows:
+                shown = (await client.get(f"/api/v1/messages/{row['msg_id']}")).json()
+                for name in ("campaign", "p_transaction_id", "phone", "status"):
+                    assert row[name] == shown[name]
+                assert (row["status_extended"] or None) == shown["status_extended"]
+                for name in ("sent_at", "delivered_at", "seen_at"):
+                    assert _instant(row[name]) == _instant(shown[name]), (name, row)
+                    assert not row[name] or row[name].endswith("Z")
+                replies = [e for e in shown["events"] if e["type"] == "reply"]
+                assert (row["last_reply_text"] or None) == (
+                    replies[-1]["text"] if replies else None)
+                assert _instant(row["last_reply_at"]) == (
+                    _instant(replies[-1]["received_at"]) if replies else None)
+    assert [row["status"] for row in csv.DictReader(io.StringIO((await client.get(
+        "/api/v1/messages/export", params={"campaign": "chunked"})).text))][1] == "seen"
+
+
 def test_dlr_export_writes_the_same_rows(engine: Engine, settings: Any, tmp_path: Any,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     send(engine, [f"c{i}" for i in range(12)], "cli")
