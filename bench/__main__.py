@@ -209,16 +209,17 @@ def free_port() -> int:
 
 
 class Database:
-    def __init__(self, backend: str, workdir: Path) -> None:
+    def __init__(self, backend: str, workdir: Path, admin: str = PG_ADMIN) -> None:
         self.backend = backend
+        self.admin = admin
         if backend == "sqlite":
             self.url = f"sqlite:///{workdir / 'bench.db'}"
             self.name = None
         else:
             self.name = f"dlr_bench_{uuid.uuid4().hex[:8]}"
-            with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-                admin.execute(f'CREATE DATABASE "{self.name}"')
-            self.url = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.name}"
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self.name}"')
+            self.url = admin.rsplit("/", 1)[0] + f"/{self.name}"
         self.engine = make_engine(load_settings(database_url=self.url, _env_file=None),
                                   pool_size=1)
         upgrade(self.engine)
@@ -245,8 +246,8 @@ class Database:
     def drop(self) -> None:
         self.engine.dispose()
         if self.name:
-            with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            with psycopg.connect(self.admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 def spooling_server(database_url: str, env: dict[str, str]) -> Server:
@@ -408,8 +409,9 @@ def run(
                         outage=outage_seconds)
                 if spool and backend == "postgresql":
                     console.print(f"[bold]{backend}[/bold]: the database away under load")
-                    res["spool"] = spool_round(db, spooling_server, wrk, workdir,
-                                               outage_seconds, console)
+                    res["spool"] = spool_round(
+                        lambda admin: Database("postgresql", workdir, admin), spooling_server, wrk,
+                        workdir, outage_seconds, console)
                 if dashboard:
                     console.print(f"[bold]{backend}[/bold]: the dashboard's reads on a day")
                     sizes = dict(part.split("=") for part in dashboard_sizes.split(";"))

@@ -53,8 +53,8 @@ def pg_admin_url() -> Iterator[str]:
     if listening(PG_ADMIN_URL):
         yield PG_ADMIN_URL
         return
-    with throwaway_postgres() as url:
-        yield url
+    with throwaway_postgres() as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")

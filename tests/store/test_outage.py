@@ -9,6 +9,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from app.config import Settings
+from app.core.notifications import interpret
 from app.main import create_app
 from app.store.db import make_engine
 from app.store.migrate import upgrade
+from app.store.spool import Spool
 
 from ..helpers import (
     AppFactory,
@@ -216,3 +219,29 @@ async def test_writer_connection_killed_while_idle_costs_no_callback(pg_url: str
         assert events(engine) == 11
     finally:
         engine.dispose()
+
+
+def test_a_drain_chunk_spans_many_small_batches_and_is_forgotten_at_once(
+        tmp_path: Path) -> None:
+    """At a steady rate the Ingestor spools batches of one: a drain still takes a full chunk
+    of them (not a few hundred callbacks a transaction), oldest first, and what it forgets is
+    gone from the file, while the rest is kept for the next start."""
+    path = tmp_path / "spool.db"
+    spool = Spool(str(path), 1 << 30)
+    now = datetime.now(UTC)
+    for i in range(30):
+        spool.put([interpret({"type": "seen", "msg_id": f"one-{i}"}, received_at=now)])
+    spool.put([interpret({"type": "seen", "msg_id": f"big-{i}"}, received_at=now)
+               for i in range(5)])
+    chunk = spool.oldest(12)
+    taken = [item.msg_id for _, batch in chunk for item in batch]  # type: ignore[union-attr]
+    assert taken == [f"one-{i}" for i in range(12)]
+    spool.remove(chunk[-1][0], len(taken))
+    spool.close()
+    again = Spool(str(path), 1 << 30)
+    assert again.depth() == 23
+    rest = [item.msg_id for _, batch in again.oldest(100)  # type: ignore[union-attr]
+            for item in batch]
+    assert rest == [f"one-{i}" for i in range(12, 30)] + [f"big-{i}" for i in range(5)]
+    assert [len(b) for _, b in again.oldest(20)] == [1] * 18  # a batch is never split
+    again.close()
