@@ -468,7 +468,9 @@ def purge(
     older_than: Annotated[str, typer.Option(
         help="Delete what is older than this: a number and a unit, min, h, d, w, mo (30 days) "
              "or y (365 days), e.g. 90d, 6mo, 12h, 30min; 'm' alone is refused as ambiguous")],
-    batch: Annotated[int, typer.Option(min=1, help="Rows per transaction")] = 5000,
+    batch: Annotated[int, typer.Option(min=1, help=(
+        "Rows per transaction at most (on SQLite fewer, paced so callbacks keep their turn)"))
+    ] = 5000,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Only count what would be deleted, per table")] = False,
     yes: Annotated[bool, typer.Option(

@@ -1,9 +1,26 @@
 """Retention: delete what is older than a cut-off in small batches, each its own transaction,
-so the ingest writers never wait long for a lock."""
+so the ingest writers never wait long for a lock.
+
+On SQLite every write takes the one database lock, so a purge transaction holds up every
+callback for as long as it runs, and back-to-back transactions starved them (measured: a
+day of 200,000 messages purged under 1,000 callbacks/s, callbacks p99 1.4 s, 10 timed out).
+There a batch is sized to hold the lock about SQLITE_HOLD_SECONDS, and the purge then leaves
+the lock free for SQLITE_PAUSE_SECONDS, longer than SQLite's busy handler sleeps between two
+tries at that point, so a waiting writer gets its turn (the same measure: p99 135 ms, none
+timed out). PostgreSQL's writers do not wait for a purge (it locks only the old rows it
+deletes): batches there are `batch` rows, back to back.
+
+Deleting rows subtracts them from the counts (app/store/counts.py): the triggers add a delta
+row for each deleted row on SQLite, one per key and statement on PostgreSQL. Each batch folds
+the deltas it added in its own transaction, a squash of only the keys it touched: left to the
+app's squasher, a purge of 200,000 messages left 1.6 million delta rows, and squashing them
+held SQLite's writer for seconds at a time.
+"""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import cast
@@ -22,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute
 
+from app.store.counts import high_marks, squash
 from app.store.models import Delivery, Event, Message, OutboundEvent, Rejected, Send
 
 _AGE = re.compile(r"^(\d+)\s*([a-z]+)$", re.IGNORECASE)
@@ -91,20 +109,37 @@ def count_older(engine: Engine, *, before: datetime) -> dict[str, int]:
                 for table, column in TARGETS}
 
 
+SQLITE_HOLD_SECONDS = 0.03
+# A writer that began waiting during a hold of about 30 ms sleeps 20 ms at most between two
+# tries (SQLite's busy handler: 1, 2, 5, 10, 15, 20, 25, 25, ... ms): it gets its turn.
+SQLITE_PAUSE_SECONDS = 0.04
+SQLITE_FIRST_BATCH = 500
+
+
 def purge(engine: Engine, *, before: datetime, batch: int = 5000,
           progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
-    """Delete rows older than `before`; return how many per table."""
+    """Delete rows older than `before`, at most `batch` rows a transaction (fewer on SQLite,
+    paced as the module says); return how many per table."""
+    paced = engine.dialect.name == "sqlite"
+    size = min(batch, SQLITE_FIRST_BATCH) if paced else batch
     deleted: dict[str, int] = {}
     for table, column in TARGETS:
         total = 0
         while True:
-            ids = select(table.c.id).where(column < before).order_by(table.c.id).limit(batch)
+            ids = select(table.c.id).where(column < before).order_by(table.c.id).limit(size)
+            started = time.monotonic()
             with engine.begin() as conn:
+                marks = high_marks(conn)
                 n = conn.execute(delete(table).where(table.c.id.in_(ids))).rowcount
+                squash(conn, marks)
+            held = time.monotonic() - started
             total += n
             if progress:
                 progress(table.name, total)
-            if n < batch:
+            if n < size:
                 break
+            if paced:
+                size = max(50, min(batch, int(size * SQLITE_HOLD_SECONDS / max(held, 1e-3))))
+                time.sleep(SQLITE_PAUSE_SECONDS)
         deleted[table.name] = total
     return deleted
