@@ -244,11 +244,15 @@ def campaigns(conn: Connection, *, since: datetime | None, until: datetime | Non
 
 # --- squashing ---------------------------------------------------------------------------------
 
-def _recent_keys(table: Table, key: list[str], since_id: int) -> str:
+def _recent_keys(table: Table, key: list[str], since_id: int, *, sqlite: bool = False) -> str:
     """SQL: the keys of the rows added since `since_id` (the rows of other keys are one each
-    already: only these can need folding, so a squash costs what was added since the last)."""
+    already: only these can need folding, so a squash costs what was added since the last).
+    SQLite's planner preferred walking the whole (campaign, bucket) index for the GROUP BY
+    to the id range (5 ms against 0.5 ms at 26,000 count rows, twice a table a squash, and a
+    purge squashes every batch): NOT INDEXED leaves it the range (the rowid stays usable)."""
     keys = ", ".join(key)
-    return f"SELECT {keys} FROM {table.name} WHERE id > {int(since_id)} GROUP BY {keys}"
+    hint = " NOT INDEXED" if sqlite else ""
+    return f"SELECT {keys} FROM {table.name}{hint} WHERE id > {int(since_id)} GROUP BY {keys}"
 
 
 def _squash_pg(conn: Connection, table: Table, key: list[str], sums: list[str],
@@ -279,7 +283,8 @@ def _squash_sqlite(conn: Connection, table: Table, key: list[str], sums: list[st
     if top is None or top <= since_id:
         return 0
     dup = (f"SELECT {keys} FROM {table.name} WHERE id <= {int(top)} AND ({keys}) IN "
-           f"({_recent_keys(table, key, since_id)}) GROUP BY {keys} HAVING count(*) > 1")
+           f"({_recent_keys(table, key, since_id, sqlite=True)}) GROUP BY {keys} "
+           "HAVING count(*) > 1")
     folded = ", ".join([*(f"sum({c})" for c in sums),
                         *(f"{fn}({c})" for c, fn in extremes.items())])
     columns = ", ".join([*key, *sums, *extremes])

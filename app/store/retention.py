@@ -139,7 +139,7 @@ def purge(engine: Engine, *, before: datetime, batch: int = 5000,
             if n < size:
                 break
             if paced:
-                size = max(50, min(batch, int(size * SQLITE_HOLD_SECONDS / max(held, 1e-3))))
+                size = min(batch, max(50, int(size * SQLITE_HOLD_SECONDS / max(held, 1e-3))))
                 time.sleep(SQLITE_PAUSE_SECONDS)
         deleted[table.name] = total
     return deleted
