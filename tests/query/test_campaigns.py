@@ -11,10 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, bindparam, text
+from sqlalchemy import Engine, bindparam, literal, select, text
 from typer.testing import CliRunner
 
 from app.cli import cli
+from app.query.export import iso_utc
 from app.store.db import UTCDateTime
 from app.store.write import SendRecord, store
 
@@ -218,3 +219,20 @@ async def test_an_export_of_a_campaign_with_any_name_is_a_download(
     disposition = r.headers["content-disposition"]
     assert disposition.isascii() and "filename*=UTF-8''" in disposition
     assert [row["msg_id"] for row in csv.DictReader(io.StringIO(r.text))] == ["u1"]
+
+
+@pytest.mark.parametrize("stored", [datetime(2026, 12, 7, 10, 0, tzinfo=UTC),
+                                    datetime(2026, 12, 7, 10, 0, 1, 500000, tzinfo=UTC),
+                                    datetime(2026, 12, 7, 23, 59, 59, 123456, tzinfo=UTC)])
+def test_the_export_writes_times_as_isoformat_in_utc(engine: Engine, stored: datetime) -> None:
+    """The database writes the export's times as Python's isoformat with microseconds, in UTC
+    with a Z, whatever the fraction; on SQLite also for text stored with fewer digits (as a
+    set-based SQL seed writes it)."""
+    want = stored.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    with engine.connect() as conn:
+        assert conn.scalar(select(iso_utc(literal(stored, UTCDateTime())))) == want
+        if conn.dialect.name == "sqlite":
+            for text_form in (stored.strftime("%Y-%m-%d %H:%M:%S"),
+                              stored.strftime("%Y-%m-%d %H:%M:%S.%f")[:23]):
+                as_python = datetime.fromisoformat(text_form).isoformat(timespec="microseconds")
+                assert conn.scalar(select(iso_utc(literal(text_form)))) == as_python + "Z"
