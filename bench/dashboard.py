@@ -187,8 +187,8 @@ def markdown_rows(backend: str, res: dict[str, Any]) -> list[str]:
 def purge_round(db: Any, start_server: Callable[[], Any], dlr: str, here: Any) -> dict[str, Any]:
     """`dlr purge` of the seeded day while callbacks arrive at about 1,000/s (wrk, 30
     connections, 10 ms between each one's requests: 10 gave about 500/s here, 20 on SQLite
-    670/s, as each answer's wait adds to the 10 ms): how long it took, the callbacks' latency meanwhile, and whether the counts still
-    agree with the rows afterwards."""
+    670/s, as each answer's wait adds to the 10 ms): how long it took, the callbacks'
+    latency meanwhile, and whether the counts still agree with the rows afterwards."""
     import json
     import os
     import signal
