@@ -1,10 +1,10 @@
 """Always 200: a real `dlr serve` keeps answering while PostgreSQL is away, and nothing it
 answered 200 is lost, not even when it is killed during the outage.
 
-PostgreSQL is cut (a TCP relay in front of it drops every connection and refuses new ones)
-in the middle of a burst; the server is killed with SIGKILL while it is still cut; then
-PostgreSQL comes back and a new server on the same data directory starts: every callback
-that got a 200 is stored exactly once, and forwarded.
+PostgreSQL (a server of the test's own) is stopped in the middle of a burst; the server is
+killed with SIGKILL while it is still stopped; then PostgreSQL starts again and a new server
+on the same data directory starts: every callback that got a 200 is stored exactly once, and
+forwarded.
 """
 
 from __future__ import annotations
@@ -21,11 +21,19 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
 
-from app.config import Settings
+from app.store.db import make_engine
+from app.store.migrate import upgrade
 
-from ..helpers import DLR, TcpCutter, add_endpoint, free_port, running_sink
+from ..helpers import (
+    DLR,
+    LocalPostgres,
+    add_endpoint,
+    free_port,
+    make_settings,
+    running_sink,
+    throwaway_postgres,
+)
 
 BURST = 900
 CONCURRENCY = 32
@@ -85,78 +93,84 @@ async def burst(url: str, on_progress: Any) -> dict[int, str]:
     return outcome
 
 
-async def test_kill_9_during_an_outage_loses_nothing_answered_200(
-        settings: Settings, engine: Engine, backend: str, tmp_path: Path) -> None:
-    if backend != "postgresql":
-        pytest.skip("SQLite is the local disk: nothing to spool to")
-    url = make_url(settings.database_url)
-    cutter = TcpCutter((url.host or "127.0.0.1", url.port or 5432))
-    proxied = url.set(port=cutter.port).render_as_string(hide_password=False).replace(
-        "+psycopg", "")
+async def test_kill_9_during_an_outage_loses_nothing_answered_200(tmp_path: Path) -> None:
+    """On a PostgreSQL server of the test's own, which it stops mid-burst and starts again
+    (SQLite is the local disk: nothing to spool to)."""
+    with throwaway_postgres() as postgres, running_sink() as sink:
+        engine = make_engine(make_settings(database_url=postgres.url), pool_size=1)
+        try:
+            upgrade(engine)
+            await outage_and_kill(postgres, engine, sink, tmp_path)
+        finally:
+            engine.dispose()
+
+
+async def outage_and_kill(postgres: LocalPostgres, engine: Engine, sink: Any,
+                          tmp_path: Path) -> None:
     spool = tmp_path / "data" / "spool.db"
     spool.parent.mkdir()
-    with running_sink() as sink:
-        add_endpoint(engine, sink.url)
-        port = free_port()
-        server = start(proxied, spool, port)
-        try:
-            await ready(f"http://127.0.0.1:{port}")
-            state: dict[str, Any] = {"cut": False, "during": 0}
+    database_url = postgres.url
+    add_endpoint(engine, sink.url)
+    port = free_port()
+    server = start(database_url, spool, port)
+    try:
+        await ready(f"http://127.0.0.1:{port}")
+        state: dict[str, Any] = {"cut": False, "during": 0}
 
-            def faults(outcome: dict[int, str]) -> None:
-                answered = sum(v == "200" for v in outcome.values())
-                if not state["cut"] and answered >= BURST // 4:
-                    state["cut"] = True
-                    state["cut_at"] = answered
-                    cutter.cut()
-                elif state["cut"] and answered >= state["cut_at"] + BURST // 3 \
-                        and server.poll() is None:
-                    server.send_signal(signal.SIGKILL)  # with callbacks in the spool
+        def faults(outcome: dict[int, str]) -> None:
+            answered = sum(v == "200" for v in outcome.values())
+            if not state["cut"] and answered >= BURST // 4:
+                state["cut"] = True
+                state["cut_at"] = answered
+                postgres.stop()  # the server's connections end, new ones are refused
+            elif state["cut"] and answered >= state["cut_at"] + BURST // 3 \
+                    and server.poll() is None:
+                server.send_signal(signal.SIGKILL)  # with callbacks in the spool
 
-            outcome = await burst(f"http://127.0.0.1:{port}", faults)
-            server.wait()
-            assert server.returncode == -signal.SIGKILL
-        finally:
-            if server.poll() is None:
-                server.kill()
-            server.wait()
-        answered = [i for i, v in outcome.items() if v == "200"]
-        refused = [v for v in outcome.values() if v not in ("200",)]
-        # Up to the kill every callback was answered 200, PostgreSQL or not.
-        assert len(answered) >= state["cut_at"] + BURST // 3
-        assert all(v.startswith("dropped:") for v in refused), Counter(refused)
-        assert spool.exists()
+        outcome = await burst(f"http://127.0.0.1:{port}", faults)
+        server.wait()
+        assert server.returncode == -signal.SIGKILL
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    answered = [i for i, v in outcome.items() if v == "200"]
+    refused = [v for v in outcome.values() if v not in ("200",)]
+    # Up to the kill every callback was answered 200, PostgreSQL or not.
+    assert len(answered) >= state["cut_at"] + BURST // 3
+    assert all(v.startswith("dropped:") for v in refused), Counter(refused)
+    assert spool.exists()
 
-        cutter.restore()
-        port = free_port()
-        server = start(proxied, spool, port)
-        try:
-            await ready(f"http://127.0.0.1:{port}")  # drained (ready, not "spooling")
-            with engine.connect() as conn:
-                rows = conn.execute(text(
-                    "SELECT msg_key, type, count(*) FROM events WHERE msg_key LIKE 'spool-%' "
-                    "GROUP BY msg_key, type")).all()
-            stored = {(m, t): n for m, t, n in rows}
-            lost = [i for i in answered if (notification(i)["msg_id"],
-                                            notification(i)["type"]) not in stored]
-            assert lost == [], f"{len(lost)} callbacks answered 200 were lost"
-            assert set(stored.values()) == {1}  # none twice
-            # Forwarded: every stored change reached the endpoint, each once.
-            with engine.connect() as conn:
-                changes = conn.execute(text(
-                    "SELECT count(*) FROM outbound_events WHERE msg_key LIKE 'spool-%'"
-                )).scalar()
-            assert changes and changes >= len({notification(i)["msg_id"] for i in answered})
-            # At least once: a webhook the killed server had sent but not recorded may come
-            # again (the same webhook-id); every change must arrive.
-            deadline = time.monotonic() + 120
-            while True:
-                ids = {r.webhook_id for r in sink.requests() if b'"spool-' in r.body}
-                if len(ids) >= changes or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.2)
-            assert len(ids) == changes
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
-            cutter.close()
+    postgres.start()
+    engine.dispose()  # its connections ended with the server
+    port = free_port()
+    server = start(database_url, spool, port)
+    try:
+        await ready(f"http://127.0.0.1:{port}")  # drained (ready, not "spooling")
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT msg_key, type, count(*) FROM events WHERE msg_key LIKE 'spool-%' "
+                "GROUP BY msg_key, type")).all()
+        stored = {(m, t): n for m, t, n in rows}
+        lost = [i for i in answered if (notification(i)["msg_id"],
+                                        notification(i)["type"]) not in stored]
+        assert lost == [], f"{len(lost)} callbacks answered 200 were lost"
+        assert set(stored.values()) == {1}  # none twice
+        # Forwarded: every stored change reached the endpoint, each once.
+        with engine.connect() as conn:
+            changes = conn.execute(text(
+                "SELECT count(*) FROM outbound_events WHERE msg_key LIKE 'spool-%'"
+            )).scalar()
+        assert changes and changes >= len({notification(i)["msg_id"] for i in answered})
+        # At least once: a webhook the killed server had sent but not recorded may come
+        # again (the same webhook-id); every change must arrive.
+        deadline = time.monotonic() + 120
+        while True:
+            ids = {r.webhook_id for r in sink.requests() if b'"spool-' in r.body}
+            if len(ids) >= changes or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert len(ids) == changes
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
