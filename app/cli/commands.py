@@ -522,6 +522,30 @@ def purge(
               + ", ".join(f"{n:,} {t}" for t, n in deleted.items()), soft_wrap=True)
 
 
+@cli.command()
+@one_line_errors
+def recount() -> None:
+    """Take the dashboard's counts afresh from every stored row: after rows were written
+    around the service (a repair in SQL, an import), which SQLite's counts do not see. One
+    transaction; on SQLite callbacks wait for it (seconds per million messages)."""
+    from sqlalchemy import func, select
+
+    from app.store.counts import recount as recount_rows
+    from app.store.db import make_engine
+    from app.store.models import Message
+
+    cfg = settings()
+    require_database(cfg)
+    engine = make_engine(cfg, pool_size=1)
+    try:
+        with err.status("counting"), engine.begin() as conn:
+            recount_rows(conn)
+            messages = conn.scalar(select(func.count()).select_from(Message)) or 0
+    finally:
+        engine.dispose()
+    out.print(f"counted {messages:,} messages afresh")
+
+
 def _interactive() -> bool:
     """Whether a person can answer a prompt (cron and scripts cannot: they need --yes)."""
     return sys.stdin.isatty()

@@ -330,6 +330,52 @@ def squash(conn: Connection, since: tuple[int, ...] | None = None) -> int:
     return sum(fold(conn, *spec, mark) for spec, mark in zip(SQUASHED, marks, strict=True))
 
 
+def recount(conn: Connection) -> None:
+    """Count every stored row afresh, in the caller's transaction: for rows written behind
+    the write path's back (a set-based seed, a manual repair), which SQLite's write path does
+    not see (app/store/batch_counts.py). A campaign's notifications are counted under the
+    label their message has now."""
+    pg = conn.dialect.name == "postgresql"
+
+    def minute(column: str) -> str:
+        return f"date_trunc('minute', {column})" if pg else \
+            f"substr({column}, 1, 16) || ':00.000000'"
+
+    def flag(cond: str) -> str:
+        return f"sum(({cond})::int)" if pg else f"sum({cond})"
+
+    status = ", ".join(["count(*)", *(flag(f"m.status = '{s}'") for s in STATUS_COLUMNS[1:6]),
+                        "count(m.delivered_at)", "count(m.seen_at)", flag("m.reply_events > 0")])
+    by_type = ", ".join(flag(f"e.type = '{t}'") for t in ("delivery", "seen", "reply"))
+    shown = str(shown_code(M.c.kind, M.c.status_extended).compile(
+        dialect=conn.dialect, compile_kwargs={"literal_binds": True})).replace("messages.", "m.")
+    for table in ("message_counts", "code_counts", "campaign_counts"):
+        conn.exec_driver_sql(f"DELETE FROM {table}")
+    columns = ", ".join(STATUS_COLUMNS)
+    for per in ("'*'", "m.campaign"):
+        conn.exec_driver_sql(
+            f"INSERT INTO message_counts (bucket, campaign, {columns}) "
+            f"SELECT {minute('m.created_at')}, {per}, {status} FROM messages m "
+            f"WHERE {per} IS NOT NULL GROUP BY 1, 2")
+        conn.exec_driver_sql(
+            f"INSERT INTO code_counts (bucket, campaign, code, n) "
+            f"SELECT {minute('m.created_at')}, {per}, {shown}, count(*) FROM messages m "
+            f"WHERE {per} IS NOT NULL AND m.status_extended IS NOT NULL GROUP BY 1, 2, 3")
+        conn.exec_driver_sql(
+            f"INSERT INTO message_counts (bucket, campaign, {', '.join(EVENT_COLUMNS)}) "
+            f"SELECT {minute('e.received_at')}, {per}, {by_type} FROM events e "
+            f"LEFT JOIN messages m ON m.msg_key = e.msg_key WHERE {per} IS NOT NULL "
+            "GROUP BY 1, 2")
+    conn.exec_driver_sql(
+        f"INSERT INTO campaign_counts (campaign, {columns}, first_at, last_at) "
+        f"SELECT m.campaign, {status}, min(m.created_at), max(m.updated_at) FROM messages m "
+        "WHERE m.campaign IS NOT NULL GROUP BY 1")
+    conn.exec_driver_sql(
+        f"INSERT INTO message_counts (bucket, campaign, rejected) "
+        f"SELECT {minute('r.received_at')}, '*', count(*) FROM rejected r GROUP BY 1")
+    squash(conn)
+
+
 DbRunner = Callable[..., Awaitable[Any]]
 
 

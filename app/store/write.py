@@ -23,6 +23,7 @@ from sqlalchemy import Column, Connection, Table, insert
 
 from app.core.message import MessageSummary
 from app.core.notifications import FINAL_RANK, RANK, Notification, Rejection, Status, msg_key
+from app.store.batch_counts import BatchCounts, read_rows
 from app.store.db import stamper
 from app.store.models import Event, Merge, Message, Rejected, Send
 
@@ -344,9 +345,10 @@ _SQLITE_READ_BACK = (
     "WHERE msg_key IN (SELECT value FROM json_each(?))")
 
 
-def upsert_messages(conn: Connection, rows: list[MessageRow], *, returning: bool
-                    ) -> list[Change]:
-    """Merge message rows; with `returning`, report the status changes and replies."""
+def upsert_messages(conn: Connection, rows: list[MessageRow], *, returning: bool,
+                    tally: BatchCounts | None = None) -> list[Change]:
+    """Merge message rows; with `returning`, report the status changes and replies. `tally`
+    (SQLite): takes what each round changed, for the counts."""
     changes: list[Change] = []
     sqlite = conn.dialect.name == "sqlite"
     tail = MESSAGE_UPSERT + (f" RETURNING {', '.join(_MESSAGE_NAMES)}"
@@ -354,11 +356,16 @@ def upsert_messages(conn: Connection, rows: list[MessageRow], *, returning: bool
     for part in _rounds(rows):
         # Sorted keys make concurrent writers (replicas) lock rows in the same order.
         part.sort(key=lambda r: r[0][_KEY])
+        keys = [row[_KEY] for row, _ in part]
+        before = read_rows(conn, keys) if tally is not None else {}
         returned = _bulk_insert(conn, "messages", MESSAGE_COLUMNS, [r for r, _ in part], tail)
+        if tally is not None:
+            tally.changed(conn, before, read_rows(conn, keys))
         if returning and sqlite:
             # Read after each round, so a row is as that round left it, as RETURNING gives.
-            keys = json.dumps([row[_KEY] for row, n in part if n is not None])
-            returned = json.loads(conn.exec_driver_sql(_SQLITE_READ_BACK, (keys,)).scalar_one())
+            notified = json.dumps([row[_KEY] for row, n in part if n is not None])
+            returned = json.loads(
+                conn.exec_driver_sql(_SQLITE_READ_BACK, (notified,)).scalar_one())
         if returning:
             by_key = {r[0]: r for r in returned}
             for row, n in part:
@@ -401,6 +408,8 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
         conn.execute(insert(Rejected), rejected)
 
     stamp = stamper(conn.dialect)
+    # SQLite: the write path keeps the counts (PostgreSQL's statement triggers do there).
+    tally = BatchCounts() if conn.dialect.name == "sqlite" else None
     # (index in the batch, row): notifications merged in arrival order, so that within one
     # batch the later of two final statuses wins and a message's times are those of its first
     # notifications.
@@ -429,6 +438,8 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
             if n.dedupe_key in new:  # only new notifications change a message
                 outcomes[idx] = "new"
                 arriving.append((idx, (notification_row(n, s), n)))
+                if tally is not None:
+                    tally.notification(s, n.type)
     # Send records last: a label a send sets then finds every notification of its message
     # in this batch merged already, and the counts move them all to it (app/store/counts.py).
     arriving.sort(key=lambda pair: (pair[1][1] is None, pair[0]))
@@ -437,7 +448,9 @@ def store(conn: Connection, items: Sequence[Item], forwarding: Forwarding | None
     stored = Stored(outcomes)
     if message_rows:
         # Only new notifications make changes worth forwarding (a send makes none).
-        changes = upsert_messages(conn, message_rows, returning=listening)
+        changes = upsert_messages(conn, message_rows, returning=listening, tally=tally)
         if forwarding is not None and changes:
             stored.forwarded = forwarding.enqueue(conn, changes)
+    if tally is not None:
+        tally.write(conn)
     return stored

@@ -65,10 +65,32 @@ def test_database_unreachable_is_one_line() -> None:
     assert len(lines) == 1 and lines[0].startswith("error: database:")
 
 
+async def test_recount_counts_rows_written_around_the_service(
+    client: httpx.AsyncClient, engine: Engine, settings: Settings
+) -> None:
+    """A row put in by hand shows in the dashboard's stats once `dlr recount` has run (on
+    SQLite the write path keeps the counts and does not see it; PostgreSQL's triggers do)."""
+    from sqlalchemy import text
+
+    assert (await dlr(client, type="delivery", msg_id="rc-1", status="delivered")).status_code \
+        == 200
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO messages (msg_key, msg_id, status, status_rank, created_at, "
+            "updated_at, event_seq) VALUES ('rc-2', 'rc-2', 'undelivered', 2, :at, :at, 0)"),
+            {"at": (await client.get("/api/v1/messages/rc-1")).json()["created_at"]})
+    result = runner.invoke(cli, ["recount"], env={"DLR_DATABASE_URL": settings.database_url})
+    assert result.exit_code == 0, result.output
+    assert "counted 2 messages" in result.stdout
+    stats = (await client.get("/api/v1/stats")).json()
+    assert stats["total"] == 2, stats
+
+
 # --- where the database is: reading commands never create one ------------------------------
 
 @pytest.mark.parametrize("command", [["status", "m1"], ["purge", "--older-than", "90d", "--yes"],
-                                     ["send", "--phone", "79031234567", "--txt", "hi"]])
+                                     ["send", "--phone", "79031234567", "--txt", "hi"],
+                                     ["recount"]])
 def test_no_database_here_creates_none_and_says_where_it_looked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
 ) -> None:

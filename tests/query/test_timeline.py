@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, insert
 
 from app.core.notifications import interpret
+from app.store import counts
 from app.store.models import Event
 from app.store.write import store
 
@@ -25,6 +26,7 @@ def store_events(engine: Engine, times: list[datetime]) -> list[tuple[datetime, 
              "received_at": at, "unknown_status_extended": False} for i, at in enumerate(times)]
     with engine.begin() as conn:
         conn.execute(insert(Event), rows)
+        counts.recount(conn)  # inserted behind the write path's back (SQLite's counts it)
     return [(r["received_at"], r["type"]) for r in rows]
 
 
@@ -92,6 +94,7 @@ async def test_buckets_start_at_whole_multiples_of_their_length(
         conn.execute(insert(Event), [
             {"dedupe_key": f"b{i:030d}", "msg_key": f"m{i}", "type": type_, "received_at": at,
              "unknown_status_extended": False} for i, (at, type_) in enumerate(received)])
+        counts.recount(conn)  # inserted behind the write path's back
     r = await client.get("/api/v1/timeline", params={
         "since": AT.isoformat(), "until": (AT + timedelta(hours=1)).isoformat(),
         "bucket_seconds": str(bucket)})

@@ -252,3 +252,39 @@ async def test_the_squasher_folds_what_was_added_since_its_last_round(engine: En
     for campaign in (counts.ALL, "label-late", "label-1"):
         assert counted(engine, campaign=campaign, since=None, until=None) == expected(
             engine, campaign=campaign)
+
+
+def test_a_batch_adds_a_few_count_rows_not_one_per_notification(engine: Engine) -> None:
+    """The counts of a batch cost a handful of rows (a key each; PostgreSQL's statement
+    triggers a few statements' worth), however many notifications it holds: SQLite's row
+    triggers added three to five per notification, and the squash folded them all again."""
+    at = T0 + timedelta(seconds=5)
+    batch = [interpret({"type": "delivery", "msg_id": f"b{i}", "status": "delivered",
+                        "p_transaction_id": f"{('spring', 'summer')[i % 2]}-{i}"},
+                       received_at=at, campaign_pattern=PATTERN) for i in range(200)]
+    with engine.begin() as conn:
+        store(conn, batch)
+    later = [interpret({"type": "seen", "msg_id": f"b{i}"}, received_at=at,
+                       campaign_pattern=PATTERN) for i in range(0, 200, 3)]
+    with engine.begin() as conn:
+        store(conn, later)
+    # Keys: one minute under "*", "spring" and "summer"; two campaigns' lifetimes. Two batches.
+    assert count_rows(engine) <= 2 * 2 * (3 + 2)
+    for campaign in (counts.ALL, "spring", "summer"):
+        assert counted(engine, campaign=campaign, since=None, until=None) == expected(
+            engine, campaign=campaign)
+
+
+def test_a_recount_gives_what_the_write_path_counted(engine: Engine) -> None:
+    """`counts.recount` (for rows written around the write path: a seed, a repair) agrees
+    with the counts the write path kept, and with the rows."""
+    traffic(engine, 7)
+    kept = {c: [counted(engine, campaign=c, **w) for w in WINDOWS]
+            for c in (counts.ALL, "spring", "label-2")}
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM message_counts WHERE campaign = 'spring'")
+        counts.recount(conn)
+    assert kept == {c: [counted(engine, campaign=c, **w) for w in WINDOWS] for c in kept}
+    assert kept[counts.ALL][0] == expected(engine)
+    with engine.begin() as conn:  # one row a key already
+        assert counts.squash(conn) == 0
