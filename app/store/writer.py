@@ -85,8 +85,10 @@ class WriteStats:
 
 @runtime_checkable
 class HandingWriter(Protocol):
-    """What the Ingestor hands batches to, from the event loop, one batch at a time: `hand` it
-    over, then `collect` its outcomes once the descriptor that `hand` returned is readable.
+    """What the Ingestor hands batches to, from the event loop: `hand` one over, then
+    `collect` its outcomes once the descriptor that `hand` returned is readable. It may hold a
+    few batches at once (the Ingestor's IN_FLIGHT); they are written, and collected, in the
+    order they were handed.
     `RemoteWriter` writes in a child process (the default, app/store/writer_process.py),
     `ThreadWriter` on a thread of this process; the Ingestor cannot tell them apart."""
 
@@ -244,7 +246,8 @@ class ThreadWriter:
     def __init__(self, writer: BatchWrite) -> None:
         self.writer = writer
         self._inbox: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
-        self._results: list[Outcome | StoreUnavailable] | None = None
+        # Each batch's outcomes, in order; a byte on the pipe for each.
+        self._results: queue.SimpleQueue[list[Outcome | StoreUnavailable]] = queue.SimpleQueue()
         self._ready, self._done = os.pipe()
         self._thread: threading.Thread | None = None
 
@@ -260,8 +263,8 @@ class ThreadWriter:
 
     def collect(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]:
         os.read(self._ready, 1)
-        results, self._results = self._results, None
-        assert results is not None and len(results) == len(items)
+        results = self._results.get_nowait()
+        assert len(results) == len(items)
         return results
 
     def take_stats(self) -> WriteStats:
@@ -289,5 +292,5 @@ class ThreadWriter:
             except Exception as exc:  # noqa: BLE001 - every waiter must hear of any failure
                 log.exception("writer failed")
                 results = [StoreUnavailable(str(exc))] * len(items)
-            self._results = results
+            self._results.put(results)
             os.write(self._done, b"\0")

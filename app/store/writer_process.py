@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from logging.handlers import QueueHandler
@@ -69,8 +70,8 @@ class Reply:
 
 
 class RemoteWriter:
-    """A `Writer` in a child process; called on the event loop by the Ingestor only, one batch
-    at a time (`hand`, then `collect`)."""
+    """A `Writer` in a child process; called on the event loop by the Ingestor only (`hand`,
+    then `collect`, a few batches at a time, answered in order)."""
 
     def __init__(self, settings: Settings, *, forwarding: bool) -> None:
         self.settings = settings
@@ -78,6 +79,9 @@ class RemoteWriter:
         self._stats = WriteStats()
         self._conn: Connection | None = None
         self._process: BaseProcess | None = None
+        # The pipe each batch not yet collected went to, oldest first: a child that ended
+        # leaves its pipe open until each of its batches has read the end from it.
+        self._sent: deque[Connection] = deque()
 
     def start(self) -> None:
         """Start the child now, not on the first batch: starting the fork server takes about
@@ -114,8 +118,8 @@ class RemoteWriter:
             # The child ended before this batch (killed while idle): nothing of it was
             # written, so a new child takes it.
             self._stats.db_errors.append(ENDED)
-            log.error("writer process ended (exit code %s) while idle; starting another",
-                      self._stop())
+            log.error("writer process ended (exit code %s)%s; starting another", self._stop(),
+                      " while idle" if not self._sent else "")
         conn = self._start()
         conn.send(items)
         return conn
@@ -123,19 +127,23 @@ class RemoteWriter:
     def hand(self, items: Sequence[Item]) -> int:
         """Send a batch to the child; the descriptor that becomes readable when it is written
         (or when the child has ended)."""
-        return self._send(list(items)).fileno()
+        conn = self._send(list(items))
+        self._sent.append(conn)
+        return conn.fileno()
 
     def collect(self, items: Sequence[Item]) -> list[Outcome | StoreUnavailable]:
-        """The outcomes of the batch `hand` sent, once its descriptor is readable."""
+        """The outcomes of the oldest batch `hand` sent, once its descriptor is readable."""
+        conn = self._sent.popleft()
         try:
-            if self._conn is None:
-                raise EOFError("no writer process")
-            reply: Reply = self._conn.recv()
+            reply: Reply = conn.recv()
         except (EOFError, OSError) as exc:
             # It ended with the batch: committed or not, it is answered 503 and sent again.
             self._stats.db_errors.append(ENDED)
+            code = self._stop() if conn is self._conn else None
+            if conn not in self._sent:
+                conn.close()
             log.error("writer process ended (exit code %s) with a batch of %d; answered 503",
-                      self._stop(), len(items))
+                      code, len(items))
             raise StoreUnavailable(f"writer process ended: {exc!r}") from exc
         for record in reply.logs:
             logger = logging.getLogger(record.name)
@@ -153,9 +161,12 @@ class RemoteWriter:
         return stats
 
     def _stop(self) -> int | None:
-        """Close the pipe and wait for the child: it finishes what it was given, then ends."""
+        """Close the pipe and wait for the child: it finishes what it was given, then ends.
+        A pipe that batches not yet collected went to stays open for them (they read the
+        end from it)."""
         if self._conn is not None:
-            self._conn.close()
+            if self._conn not in self._sent:
+                self._conn.close()
             self._conn = None
         code = None
         if self._process is not None:

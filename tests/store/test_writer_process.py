@@ -142,6 +142,33 @@ async def test_a_writer_killed_with_a_batch_answers_503_and_the_resend_is_stored
     assert events(engine) == 2
 
 
+async def test_the_next_batch_waits_with_the_child_and_a_death_answers_both(
+    app_with: AppFactory, settings: Settings, engine: Engine,
+) -> None:
+    """While the child writes a batch, the next one is already handed to it (it starts on it
+    the moment it commits, not when the event loop next gets to its answer); if the child
+    dies, both are answered 503, and a new child stores what the provider sends again."""
+    app = await app_with(writer_process=True, db_timeout=30)
+    writer = app.state.ingestor.writer
+    async with client_for(app) as c:
+        assert (await dlr(c, type="seen", msg_id="p0")).status_code == 200
+        with writes_blocked(settings, engine):
+            first = asyncio.create_task(dlr(c, type="seen", msg_id="p1"))
+            await asyncio.sleep(0.3)  # the child waits for the lock with the first batch
+            second = asyncio.create_task(dlr(c, type="seen", msg_id="p2"))
+            await asyncio.sleep(0.3)  # the second waits in the child's pipe
+            assert not first.done() and not second.done()
+            killed = writer.pid
+            assert killed is not None
+            os.kill(killed, signal.SIGKILL)
+            answers = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+        assert [a.status_code for a in answers] == [503, 503]
+        for msg_id in ("p1", "p2"):  # sent again: stored once each, by a new child
+            assert (await dlr(c, type="seen", msg_id=msg_id)).status_code == 200
+    assert writer.pid not in (None, killed)
+    assert events(engine) == 3
+
+
 async def test_the_childs_log_lines_reach_the_servers_log(
     pg_url: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
