@@ -32,13 +32,12 @@ from typing import Any
 from sqlalchemy import Connection
 
 from app.core.notifications import shown_status_extended
+from app.store.counts import ALL, EVENT_COLUMNS, STATUS_COLUMNS
 
-ALL = "*"
-STATUSES = ("accepted", "in_process", "delivered", "undelivered", "seen")
-# A message's flags, after the `messages` count of 1: its status, reached, opened, replied
-# (counts.STATUS_COLUMNS).
-FLAGS = (*STATUSES, "reached", "opened", "replied")
-EVENT_TYPES = ("delivery", "seen", "reply")
+# A message's flags, after the `messages` count of 1: its status, reached, opened, replied.
+FLAGS = STATUS_COLUMNS[1:]
+STATUSES = FLAGS[:5]
+EVENT_TYPES = tuple(c.removeprefix("ev_") for c in EVENT_COLUMNS)
 
 # A round's rows, read as one JSON array (one step of sqlite3), with the flags computed here:
 # the key, created_at, updated_at, campaign, send_id, the FLAGS, the notifications stored of
@@ -217,9 +216,8 @@ class BatchCounts:
                 [(c, *v) for c, v in lifetime.items() if any(v[:width]) or v[width]])
 
 
-_MESSAGE_COUNT_COLUMNS = ("bucket", "campaign", "messages", *FLAGS, "ev_delivery", "ev_seen",
-                          "ev_reply")
-_CAMPAIGN_COUNT_COLUMNS = ("campaign", "messages", *FLAGS, "first_at", "last_at")
+_MESSAGE_COUNT_COLUMNS = ("bucket", "campaign", *STATUS_COLUMNS, *EVENT_COLUMNS)
+_CAMPAIGN_COUNT_COLUMNS = ("campaign", *STATUS_COLUMNS, "first_at", "last_at")
 
 
 def _insert(conn: Connection, table: str, columns: tuple[str, ...],
